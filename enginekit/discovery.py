@@ -1,0 +1,51 @@
+"""Installed plugins: the ``enginekit`` entry-point group, loaded by name, never switched on silently."""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+__all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "load_plugin"]
+
+ENTRY_POINT_GROUP = "enginekit"
+
+
+def installed_plugins() -> dict[str, EntryPoint]:
+    """Entry points of the ``enginekit`` group by name (the first wins if two packages clash)."""
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def _distribution_name(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else "<unknown distribution>"
+
+
+def load_plugin(name: str) -> Any:
+    """Load the installed plugin ``name``: a class is instantiated with no arguments, a module used as is."""
+    available = installed_plugins()
+    ep = available.get(name)
+    if ep is None:
+        names = ", ".join(sorted(available)) or "none installed"
+        raise ValueError(
+            f"no installed enginekit plugin named {name!r}; available: {names}. "
+            f"A package provides one with [project.entry-points.{ENTRY_POINT_GROUP}] {name} = \"module:Class\""
+        )
+    try:
+        obj = ep.load()
+    except Exception as exc:
+        raise ImportError(
+            f"enginekit plugin {name!r} (entry point {ep.value!r} of distribution {_distribution_name(ep)}) "
+            f"failed to import: {type(exc).__name__}: {exc}; reinstall or fix that package"
+        ) from exc
+    if isinstance(obj, type):
+        try:
+            return obj()
+        except TypeError as exc:
+            raise TypeError(
+                f"enginekit plugin {name!r} ({ep.value}) cannot be built without arguments: {exc}; "
+                "build it yourself and pass the instance in plugins=[...]"
+            ) from exc
+    return obj

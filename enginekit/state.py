@@ -1,0 +1,91 @@
+"""TrainState, the counters plugins read, and the RNG snapshots exact resume needs."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["TrainState", "capture_rng", "restore_rng"]
+
+
+@dataclass
+class TrainState:
+    """Counters of one training run, read by plugins as ``engine.state``.
+
+    Every counter is 0-based. Inside the hooks of one optimizer step the counters name that
+    step; between steps and after ``fit`` they count what is finished.
+
+    Attributes:
+        step: index of the optimizer step in progress, the book's ``global_step``: 0 in every
+            hook of the first step, the same value in ``before_step``, ``after_backward`` and
+            ``after_step`` of one step. Outside a step: the number of completed steps.
+        epoch: index of the current epoch (0 for the first; the book prints ``epoch + 1``).
+        step_in_epoch: index of the step in progress within the epoch (same convention as
+            ``step``).
+        batches_in_epoch: micro-batches drawn from the training loader in this epoch so far
+            (differs from ``step_in_epoch`` with gradient accumulation or skipped steps).
+        epochs: number of epochs this ``fit`` runs.
+        steps_per_epoch: optimizer steps in a full epoch (``ceil(len(loader) / grad_accum_steps)``).
+        total_steps: optimizer steps in the whole run (``epochs * steps_per_epoch``, or
+            ``max_steps`` when smaller); what a schedule plans against.
+        tokens_seen: input tokens trained on, this step included from ``after_step`` on
+            (``inputs.numel()`` summed over ranks and micro-batches, as the book counts).
+        should_stop: set it to ``True`` in any hook to end the run after the current step.
+        skipped_steps: consecutive steps skipped for a non-finite loss (``nonfinite="skip"``).
+        rank: this process's rank under torchrun (0 otherwise).
+        world_size: number of processes under torchrun (1 otherwise).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    batches_in_epoch: int = 0
+    epochs: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    tokens_seen: int = 0
+    should_stop: bool = False
+    skipped_steps: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that prints and writes files (rank 0)."""
+        return self.rank == 0
+
+
+def capture_rng() -> dict[str, Any]:
+    """Snapshot the python, torch (CPU and CUDA) and numpy RNGs as tensors and plain values."""
+    version, internal, gauss = random.getstate()
+    rng: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        rng["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng` saved."""
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "numpy" in rng:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))

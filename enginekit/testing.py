@@ -1,0 +1,216 @@
+"""Test a plugin in isolation, the way pytest's ``pytester`` serves pytest plugins.
+
+Three pieces:
+
+* :func:`make_engine` builds a real :class:`~enginekit.Engine` around a stand-in: a model of one
+  scalar weight per optimizer parameter group, a synthetic loader of ``steps_per_epoch``
+  batches and an SGD optimizer with real ``param_groups``. No GPT, no tokenizer, no data files;
+  the loop, the hooks and their guarantees are the real ones, not an imitation.
+* :func:`drive` runs plugins through ``epochs x steps_per_epoch`` steps on that stand-in and
+  returns a :class:`Run`: every hook call in order, and per step the learning rate and hooks.
+* :class:`HookRecorder` attaches to any engine (a real GPT run too) and records the same.
+
+A plugin author's test is a few lines::
+
+    from enginekit.testing import drive
+
+    def test_halves_lr_every_step():
+        run = drive(MyHalving(), steps_per_epoch=4, lr=1.0)
+        assert run.lrs == [1.0, 0.5, 0.25, 0.125]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from .engine import Engine
+
+__all__ = ["HookCall", "HookRecorder", "Run", "StepRecord", "drive", "make_engine"]
+
+STEP_HOOKS = ("before_step", "after_backward", "after_step")
+
+
+class StandInModel(nn.Module):
+    """One scalar weight per parameter group; ``forward`` scales the (float) inputs by their sum."""
+
+    def __init__(self, param_groups: int = 1) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList(nn.Parameter(torch.ones(1)) for _ in range(param_groups))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.float() * sum(self.weights)
+
+
+def make_engine(
+    plugins: Any = (),
+    *,
+    lr: float | Sequence[float] = 1e-3,
+    param_groups: int = 1,
+    steps_per_epoch: int = 10,
+    batch_size: int = 2,
+    seq_len: int = 4,
+    losses: Sequence[float] | Callable[[int], float] | None = None,
+    val_batches: int = 2,
+    **engine_kwargs: Any,
+) -> Engine:
+    """A real Engine over the stand-in model, synthetic data and an SGD optimizer.
+
+    ``lr`` is one learning rate for every group or one per group. ``losses`` fixes the training
+    loss per step (a list indexed by step, or a function of the step), e.g. to inject a NaN;
+    by default the loss is a mean-squared error with real, non-zero gradients.
+    ``grad_accum_steps`` and other ``Engine`` keywords pass through; each optimizer step
+    consumes ``grad_accum_steps`` synthetic micro-batches.
+    """
+    lrs = [float(lr)] * param_groups if isinstance(lr, (int, float)) else [float(x) for x in lr]
+    if len(lrs) != param_groups:
+        raise ValueError(f"lr has {len(lrs)} values but param_groups is {param_groups}")
+    model = StandInModel(param_groups)
+    optimizer = torch.optim.SGD([{"params": [w], "lr": g_lr} for w, g_lr in zip(model.weights, lrs)], lr=lrs[0])
+    accum = engine_kwargs.get("grad_accum_steps", 1)
+    gen = torch.Generator().manual_seed(0)
+
+    def loader(n_batches: int) -> DataLoader:
+        n = n_batches * batch_size
+        inputs = torch.randint(0, 10, (n, seq_len), generator=gen)
+        return DataLoader(TensorDataset(inputs, inputs + 1), batch_size=batch_size, shuffle=False)
+
+    engine_kwargs.setdefault("device", "cpu")
+    if losses is not None:
+        engine_kwargs["loss_fn"] = _fixed_losses(losses, lambda: engine.state.step)
+    else:
+        engine_kwargs.setdefault("loss_fn", lambda out, targets: ((out - targets.float()) ** 2).mean() * 1e-2)
+    plugin_list = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    engine = Engine(
+        model, optimizer, loader(steps_per_epoch * accum), loader(val_batches), plugins=plugin_list, **engine_kwargs
+    )
+    return engine
+
+
+def _fixed_losses(losses: Sequence[float] | Callable[[int], float], step: Callable[[], int]) -> Callable[..., torch.Tensor]:
+    def loss_fn(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = losses(step()) if callable(losses) else losses[step()]
+        # Multiplying by zero keeps the graph (backward works) while the value is the chosen one.
+        return out.sum() * 0.0 + value
+
+    return loss_fn
+
+
+@dataclass
+class HookCall:
+    """One emission of a hook: its name, the counters when it fired, and who implemented it."""
+
+    hook: str
+    step: int
+    epoch: int
+    plugins: list[str]
+    lr: float = math.nan
+
+
+@dataclass
+class StepRecord:
+    """What happened in one optimizer step."""
+
+    step: int
+    epoch: int
+    lr: float
+    lrs: list[float]
+    hooks: list[str] = field(default_factory=list)
+
+
+class HookRecorder:
+    """Records every hook the engine emits, with the plugins called for it in call order.
+
+    Attach to any engine: ``rec = HookRecorder(engine)``; :func:`drive` does it for you. The
+    recorded ``lr`` is group 0's learning rate right after the hook's implementations ran.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.calls: list[HookCall] = []
+        self._step_lrs: dict[int, list[float]] = {}
+        self._undo = engine.pm.add_hookcall_monitoring(self._before, self._after)
+
+    def _before(self, hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        st = self.engine.state
+        # pluggy calls implementations last-registered first.
+        self.calls.append(HookCall(hook_name, st.step, st.epoch, [i.plugin_name for i in reversed(hook_impls)]))
+
+    def _after(self, outcome: Any, hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        groups = self.engine.optimizer.param_groups
+        call = next(c for c in reversed(self.calls) if c.hook == hook_name)
+        call.lr = float(groups[0]["lr"])
+        if hook_name == "before_step":
+            self._step_lrs[self.engine.state.step] = [float(g["lr"]) for g in groups]
+
+    def detach(self) -> None:
+        self._undo()
+
+    @property
+    def hooks(self) -> list[str]:
+        """Hook names in the order they fired."""
+        return [c.hook for c in self.calls]
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        """One record per completed optimizer step, in order."""
+        records: dict[int, StepRecord] = {}
+        for call in self.calls:
+            if call.hook == "before_step":  # a retried (skipped) step replaces its failed attempt
+                lrs = self._step_lrs.get(call.step, [call.lr])
+                records[call.step] = StepRecord(call.step, call.epoch, lrs[0], lrs)
+            if call.hook in STEP_HOOKS:
+                records[call.step].hooks.append(call.hook)
+        return [r for r in records.values() if "after_step" in r.hooks]
+
+    @property
+    def lrs(self) -> list[float]:
+        """The learning rate each completed step used (group 0)."""
+        return [s.lr for s in self.steps]
+
+
+@dataclass
+class Run:
+    """What :func:`drive` saw: the engine afterwards and its :class:`HookRecorder`."""
+
+    engine: Engine
+    recorder: HookRecorder
+
+    @property
+    def calls(self) -> list[HookCall]:
+        return self.recorder.calls
+
+    @property
+    def hooks(self) -> list[str]:
+        return self.recorder.hooks
+
+    @property
+    def steps(self) -> list[StepRecord]:
+        return self.recorder.steps
+
+    @property
+    def lrs(self) -> list[float]:
+        return self.recorder.lrs
+
+
+def drive(
+    plugins: Any,
+    *,
+    epochs: int = 1,
+    steps_per_epoch: int = 10,
+    max_steps: int | None = None,
+    **make_engine_kwargs: Any,
+) -> Run:
+    """Run ``plugins`` (one or a list) through ``epochs x steps_per_epoch`` steps on the stand-in engine.
+
+    Exceptions from the plugins propagate exactly as from :meth:`Engine.fit`.
+    """
+    engine = make_engine(plugins, steps_per_epoch=steps_per_epoch, **make_engine_kwargs)
+    recorder = HookRecorder(engine)
+    engine.fit(epochs=epochs, max_steps=max_steps)
+    return Run(engine, recorder)

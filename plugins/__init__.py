@@ -1,0 +1,23 @@
+"""enginekit's built-in plugins, one per module, each with its formula as a pure function."""
+
+from .checkpoint import Checkpoint, CheckpointError
+from .cosine_decay import CosineDecay, cosine_lr
+from .grad_clip import GradClip
+from .loss_tracker import LossTracker, plot_lrs
+from .lr_warmup import LRWarmup, warmup_lr
+from .progress_bar import ProgressBar
+from .sample_text import SampleText
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CosineDecay",
+    "GradClip",
+    "LRWarmup",
+    "LossTracker",
+    "ProgressBar",
+    "SampleText",
+    "cosine_lr",
+    "plot_lrs",
+    "warmup_lr",
+]

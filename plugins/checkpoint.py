@@ -1,0 +1,286 @@
+"""Crash-safe checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+
+from enginekit.engine import Engine, TrainingInterrupted
+from enginekit.hookspec import hookimpl
+
+FORMAT = "enginekit-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not fit the run (plugins, format)."""
+
+
+class _HashingWriter:
+    """File wrapper that hashes what torch.save writes, so the file is not read back."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Temporary file in the same folder, fsync, rename over ``path``, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if Checkpoint._before_replace is not None:
+            Checkpoint._before_replace(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+class Checkpoint:
+    """Save everything a bit-exact resume needs; resume from the newest checkpoint that verifies.
+
+    A checkpoint ``dir/ckpt-<steps done, 8 digits>.pt`` holds the model, the optimizer, the
+    engine's counters, data position, GradScaler and RNG states, and the state of every
+    registered plugin that has ``state_dict``/``load_state_dict``, under its registration name.
+    Beside it, ``ckpt-<N>.pt.sha256`` records its hash in ``sha256sum`` format.
+
+    Args:
+        dir: folder for checkpoints (created).
+        every_steps: also save after every N-th optimizer step (None: only at epoch ends).
+        every_epoch: save at the end of each epoch.
+        keep_last: how many checkpoints to keep (>= 1); older ones are deleted only after a
+            newer one is safely written.
+        resume: before the first step, restore the newest valid checkpoint in ``dir`` (start
+            fresh if there is none; fail if there are some and none verifies).
+        strict_plugins: a checkpoint that holds state for a plugin that is not registered, or
+            lacks state for one that is, is an error; ``False`` accepts it with a warning line.
+
+    Saves happen in ``trylast`` hooks, so the saved state includes the other plugins' work for
+    that step (evaluations draw random numbers too), and on SIGINT/SIGTERM after the last
+    finished step. Nothing is saved after a non-finite loss or any other error.
+    """
+
+    #: Test hook: called with the temporary path just before it replaces the checkpoint.
+    _before_replace: Callable[[Path], None] | None = None
+
+    def __init__(
+        self,
+        dir: str | os.PathLike[str],
+        every_steps: int | None = None,
+        every_epoch: bool = True,
+        keep_last: int = 3,
+        resume: bool = False,
+        *,
+        strict_plugins: bool = True,
+    ) -> None:
+        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1):
+            raise ValueError(f"Checkpoint: every_steps must be an int >= 1 or None, got {every_steps!r}")
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"Checkpoint: keep_last must be an int >= 1, got {keep_last!r}")
+        self.dir = Path(dir)
+        self.every_steps = every_steps
+        self.every_epoch = every_epoch
+        self.keep_last = keep_last
+        self.resume = resume
+        self.strict_plugins = strict_plugins
+        self.last_saved: int | None = None
+        self.resumed_from: Path | None = None
+
+    # ------------------------------------------------------------------ hooks
+
+    @hookimpl(trylast=True)
+    def before_fit(self, engine: Engine) -> None:
+        if engine.state.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for leftover in self.dir.glob(".ckpt-*.tmp"):
+                leftover.unlink()  # an interrupted write; the checkpoint it would have replaced is intact
+        engine.barrier()
+        if self.resume:
+            self._resume(engine)
+
+    @hookimpl(trylast=True)
+    def after_step(self, engine: Engine, loss: Any) -> None:
+        if self.every_steps is not None and (engine.state.step + 1) % self.every_steps == 0:
+            self.save(engine)
+
+    @hookimpl(trylast=True)
+    def after_epoch(self, engine: Engine) -> None:
+        if self.every_epoch:
+            self.save(engine)
+
+    @hookimpl
+    def on_exception(self, engine: Engine, error: BaseException) -> None:
+        if isinstance(error, TrainingInterrupted):
+            self.save(engine)
+
+    # ------------------------------------------------------------------ saving
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint files in ``dir``, newest first (hashes not checked)."""
+        found = [p for p in self.dir.glob("ckpt-*.pt") if _NAME.match(p.name)]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    def save(self, engine: Engine) -> Path | None:
+        """Write a checkpoint of the state between steps; every rank must call it."""
+        state = engine.state_dict()
+        if self.last_saved == state["step"]:
+            return None
+        path = self.dir / f"ckpt-{state['step']:08d}.pt"
+        if engine.state.is_main:
+            payload = {
+                "format": FORMAT,
+                "version": VERSION,
+                "model": _unwrap(engine.model).state_dict(),
+                "optimizer": engine.optimizer.state_dict(),
+                "engine": state,
+                "plugins": {name: p.state_dict() for name, p in self._stateful(engine).items()},
+            }
+            digest: list[str] = []
+
+            def write(f: BinaryIO) -> None:
+                writer = _HashingWriter(f)
+                torch.save(payload, writer)  # type: ignore[arg-type]
+                digest.append(writer.sha.hexdigest())
+
+            # The checkpoint is written before its hash: a crash between them leaves a file
+            # that fails verification and is skipped, never a hash that vouches for a stale file.
+            _write_atomic(path, write)
+            sha_line = f"{digest[0]}  {path.name}\n".encode()
+            _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(sha_line))
+            self._prune()
+        engine.barrier()
+        self.last_saved = state["step"]
+        return path
+
+    def _prune(self) -> None:
+        for old in self.checkpoints()[self.keep_last :]:
+            old.unlink()
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+
+    def _stateful(self, engine: Engine) -> dict[str, Any]:
+        return {
+            name: p
+            for name, p in engine.plugins.items()
+            if p is not self and callable(getattr(p, "state_dict", None)) and callable(getattr(p, "load_state_dict", None))
+        }
+
+    # ------------------------------------------------------------------ loading
+
+    def verify(self, path: Path) -> str | None:
+        """Why ``path`` must not be loaded, or None when its recorded sha256 matches."""
+        sha_path = path.with_name(path.name + ".sha256")
+        if not sha_path.exists():
+            return "no .sha256 file beside it (its write did not finish)"
+        try:
+            recorded = sha_path.read_text().split()[0]
+        except (OSError, IndexError):
+            return "its .sha256 file is unreadable"
+        actual = sha256_file(path)
+        if actual != recorded:
+            return f"sha256 mismatch (recorded {recorded[:12]}..., file has {actual[:12]}...): truncated or corrupted"
+        return None
+
+    def load(self, path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+        """Verify and load one checkpoint with ``weights_only=True`` (never unsafe unpickling)."""
+        problem = self.verify(path)
+        if problem is not None:
+            raise CheckpointError(f"{path.name}: {problem}")
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path.name}: refused by the safe loader: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise CheckpointError(f"{path.name}: not an enginekit checkpoint")
+        if payload.get("version") != VERSION:
+            raise CheckpointError(f"{path.name}: checkpoint format version {payload.get('version')}, expected {VERSION}")
+        return payload
+
+    def load_latest(self, engine: Engine | None = None) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that verifies and loads, reporting each skipped one in one line."""
+        candidates = self.checkpoints()
+        device = engine.device if engine is not None else "cpu"
+        problems = []
+        for path in candidates:
+            try:
+                return path, self.load(path, map_location=device)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+                message = f"Checkpoint: skipping {exc}; trying the previous one"
+                engine.print(message) if engine is not None else print(message)
+        if candidates:
+            raise CheckpointError(
+                f"no valid checkpoint in {self.dir} ({len(candidates)} found, none verifies): " + "; ".join(problems)
+            )
+        return None
+
+    def _resume(self, engine: Engine) -> None:
+        found = self.load_latest(engine)
+        if found is None:
+            engine.print(f"Checkpoint: no checkpoint in {self.dir}, starting from scratch")
+            return
+        path, payload = found
+        stateful = self._stateful(engine)
+        saved = payload["plugins"]
+        unknown = sorted(set(saved) - set(stateful))
+        missing = sorted(set(stateful) - set(saved))
+        if unknown or missing:
+            parts = []
+            if unknown:
+                parts.append(f"it holds state for plugin(s) {unknown} that are not registered")
+            if missing:
+                parts.append(f"it has no state for registered plugin(s) {missing}")
+            message = f"{path.name}: " + " and ".join(parts)
+            if self.strict_plugins:
+                raise CheckpointError(
+                    message + "; register the same plugins under the same names, or pass "
+                    "Checkpoint(..., strict_plugins=False) to resume anyway"
+                )
+            engine.print(f"Checkpoint: warning: {message}; resuming anyway (strict_plugins=False)")
+        _unwrap(engine.model).load_state_dict(payload["model"])
+        engine.optimizer.load_state_dict(payload["optimizer"])
+        for name, plugin in stateful.items():
+            if name in saved:
+                plugin.load_state_dict(saved[name])
+        engine.load_state_dict(payload["engine"])
+        self.last_saved = payload["engine"]["step"]
+        self.resumed_from = path
+        engine.print(f"Checkpoint: resumed from {path.name} (step {engine.state.step}, epoch {engine.state.epoch + 1})")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module itself under ``torch.compile``, so state-dict keys carry no ``_orig_mod.`` prefix."""
+    return getattr(model, "_orig_mod", model)

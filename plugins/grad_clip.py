@@ -1,0 +1,44 @@
+"""Gradient-norm clipping, appendix D.3 of the book."""
+
+from __future__ import annotations
+
+import torch
+
+from enginekit.engine import Engine
+from enginekit.hookspec import hookimpl
+
+
+class GradClip:
+    """``clip_grad_norm_(model.parameters(), max_norm)`` once per optimizer step, from ``start_step`` on.
+
+    It runs in ``after_backward``, where the engine guarantees complete, unscaled gradients, so
+    it is right with gradient accumulation, fp16 and any plugin order. The book clips from the
+    first step after warmup: pass ``start_step=warmup_steps`` to match it.
+
+    ``last_norm`` holds the total gradient norm before clipping of the latest clipped step, as a
+    device tensor (no host sync); ``None`` before the first clipped step.
+    """
+
+    def __init__(self, max_norm: float = 1.0, start_step: int = 0) -> None:
+        if not max_norm > 0:
+            raise ValueError(f"GradClip: max_norm must be > 0, got {max_norm!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"GradClip: start_step must be an int >= 0, got {start_step!r}")
+        self.max_norm = float(max_norm)
+        self.start_step = start_step
+        self.last_norm: torch.Tensor | None = None
+        self._params: list[torch.nn.Parameter] = []
+
+    @hookimpl
+    def before_fit(self, engine: Engine) -> None:
+        if self.start_step >= engine.state.total_steps:
+            raise ValueError(
+                f"GradClip: start_step ({self.start_step}) is not before the run's end "
+                f"({engine.state.total_steps} steps), so it would never clip"
+            )
+        self._params = [p for p in engine.model.parameters() if p.requires_grad]
+
+    @hookimpl
+    def after_backward(self, engine: Engine) -> None:
+        if engine.state.step >= self.start_step:
+            self.last_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm=self.max_norm)

@@ -1,0 +1,147 @@
+"""Periodic train/validation evaluation and the book's loss and learning-rate records."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from enginekit.engine import Engine
+from enginekit.hookspec import hookimpl
+
+from .grad_clip import GradClip
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class LossTracker:
+    """Every ``eval_freq`` steps, the mean loss over ``eval_iter`` batches of both loaders.
+
+    As the book's ``train_model``: evaluates when ``step % eval_freq == 0`` (step 0 included),
+    prints ``Ep 1 (Iter 000000): Train loss 10.969, Val loss 10.938``, and keeps the lists
+    ``train_model`` returns: ``train_losses``, ``val_losses``, ``tokens_seen`` (one entry per
+    evaluation) and ``lrs`` (the learning rate of every step).
+
+    With ``out_dir``: appends each evaluation to ``out_dir/metrics.jsonl`` as it happens and,
+    when fit ends, draws ``losses.png`` (loss against epochs, tokens seen on a second axis)
+    and ``lr.png`` if matplotlib is installed (``pip install "enginekit[plot]"``).
+    """
+
+    def __init__(self, eval_freq: int = 5, eval_iter: int = 1, out_dir: str | os.PathLike[str] | None = None) -> None:
+        if isinstance(eval_freq, bool) or not isinstance(eval_freq, int) or eval_freq < 1:
+            raise ValueError(f"LossTracker: eval_freq must be an int >= 1, got {eval_freq!r}")
+        if isinstance(eval_iter, bool) or not isinstance(eval_iter, int) or eval_iter < 1:
+            raise ValueError(f"LossTracker: eval_iter must be an int >= 1, got {eval_iter!r}")
+        self.eval_freq = eval_freq
+        self.eval_iter = eval_iter
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.records: list[dict[str, Any]] = []
+        self.lrs: list[float] = []
+        self._rewrite = True
+        self._steps_per_epoch = 1
+
+    @property
+    def train_losses(self) -> list[float]:
+        return [r["train_loss"] for r in self.records]
+
+    @property
+    def val_losses(self) -> list[float]:
+        return [r["val_loss"] for r in self.records]
+
+    @property
+    def tokens_seen(self) -> list[int]:
+        return [r["tokens_seen"] for r in self.records]
+
+    @hookimpl
+    def before_fit(self, engine: Engine) -> None:
+        self._steps_per_epoch = engine.state.steps_per_epoch
+        if self.out_dir is not None and engine.state.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._rewrite = True
+
+    @hookimpl
+    def after_step(self, engine: Engine, loss: Any) -> None:
+        st = engine.state
+        self.lrs.append(float(engine.optimizer.param_groups[0]["lr"]))
+        if st.step % self.eval_freq != 0:
+            return
+        train_loss = engine.evaluate(engine.train_loader, self.eval_iter)
+        val_loss = engine.evaluate(engine.val_loader, self.eval_iter) if engine.val_loader is not None else math.nan
+        record = {
+            "step": st.step,
+            "epoch": st.epoch,
+            "tokens_seen": st.tokens_seen,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "lr": self.lrs[-1],
+        }
+        clip = engine.find_plugin(GradClip)
+        if clip is not None and clip.last_norm is not None:
+            record["grad_norm"] = float(clip.last_norm)
+        self.records.append(record)
+        engine.print(f"Ep {st.epoch + 1} (Iter {st.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        self._write(engine, record)
+
+    def _write(self, engine: Engine, record: dict[str, Any]) -> None:
+        if self.out_dir is None or not engine.state.is_main:
+            return
+        path = self.out_dir / METRICS_FILE
+        if self._rewrite:
+            # A fresh or resumed run rewrites the file from memory, dropping rows of lost steps.
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            os.replace(tmp, path)
+            self._rewrite = False
+            return
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @hookimpl
+    def after_fit(self, engine: Engine) -> None:
+        if self.out_dir is None or not engine.state.is_main or not self.records:
+            return
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            engine.print("LossTracker: matplotlib is not installed, no plots drawn (pip install 'enginekit[plot]')")
+            return
+        epochs_seen = [r["step"] / self._steps_per_epoch for r in self.records]
+        fig = Figure(figsize=(5, 3))
+        ax1 = fig.subplots()
+        ax1.plot(epochs_seen, self.train_losses, label="Training loss")
+        ax1.plot(epochs_seen, self.val_losses, linestyle="-.", label="Validation loss")
+        ax1.set_xlabel("Epochs")
+        ax1.set_ylabel("Loss")
+        ax1.legend(loc="upper right")
+        ax2 = ax1.twiny()
+        ax2.plot(self.tokens_seen, self.train_losses, alpha=0)  # invisible: only aligns the token axis
+        ax2.set_xlabel("Tokens seen")
+        fig.tight_layout()
+        fig.savefig(self.out_dir / "losses.png")
+        plot_lrs(self.lrs, self.out_dir / "lr.png")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": [dict(r) for r in self.records], "lrs": list(self.lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.records = [dict(r) for r in state["records"]]
+        self.lrs = list(state["lrs"])
+        self._rewrite = True
+
+
+def plot_lrs(lrs: list[float], path: str | os.PathLike[str]) -> bool:
+    """Draw learning rate against step to ``path``; False when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
+    ax.plot(range(len(lrs)), lrs)
+    ax.set_xlabel("Steps")
+    ax.set_ylabel("Learning rate")
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
