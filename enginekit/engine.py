@@ -218,7 +218,13 @@ class Engine:
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
-            raise ValueError(f"plugin {name!r} cannot be registered: {exc}") from exc
+            signatures = "; ".join(
+                f"{h}({', '.join(getattr(self.hook, h).spec.argnames)})" for h in HOOK_NAMES
+            )
+            raise ValueError(
+                f"plugin {name!r} cannot be registered: {exc}. A hook implementation may take any "
+                f"subset of its hook's arguments: {signatures}"
+            ) from exc
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
@@ -316,6 +322,7 @@ class Engine:
 
     def _run_epoch(self) -> None:
         st = self.state
+        self.model.train()  # as the book's loop does each epoch; evaluation and samples switch back
         self._set_sampler_epoch(st.epoch)
         self._emit("before_epoch")
         batches = self._epoch_batches()

@@ -201,12 +201,14 @@ class Run:
 def drive(
     plugins: Any,
     *,
-    epochs: int = 1,
+    epochs: int | None = None,
     steps_per_epoch: int = 10,
     max_steps: int | None = None,
     **make_engine_kwargs: Any,
 ) -> Run:
     """Run ``plugins`` (one or a list) through ``epochs x steps_per_epoch`` steps on the stand-in engine.
+
+    ``epochs`` and ``max_steps`` mean what they mean for :meth:`Engine.fit` (one epoch by default).
 
     Exceptions from the plugins propagate exactly as from :meth:`Engine.fit`.
     """
