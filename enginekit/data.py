@@ -41,9 +41,7 @@ def _data_file(*parts: str) -> bytes:
 
 def _checked(name: str, data: bytes, sha256: str) -> bytes:
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise RuntimeError(
-            f"bundled tokenizer file {name} is damaged (sha256 mismatch); reinstall enginekit"
-        )
+        raise RuntimeError(f"bundled tokenizer file {name} is damaged (sha256 mismatch); reinstall enginekit")
     return data
 
 

@@ -31,7 +31,7 @@ def load_plugin(name: str) -> Any:
         names = ", ".join(sorted(available)) or "none installed"
         raise ValueError(
             f"no installed enginekit plugin named {name!r}; available: {names}. "
-            f"A package provides one with [project.entry-points.{ENTRY_POINT_GROUP}] {name} = \"module:Class\""
+            f'A package provides one with [project.entry-points.{ENTRY_POINT_GROUP}] {name} = "module:Class"'
         )
     try:
         obj = ep.load()

@@ -15,7 +15,8 @@ import signal
 import threading
 import types
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import pluggy
 import torch
@@ -104,7 +105,9 @@ class _PluginManager(pluggy.PluginManager):
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
         opts = super().parse_hookimpl_opts(plugin, name)
         if opts is None and name in HOOK_NAMES and callable(getattr(plugin, name, None)):
-            opts = dict(wrapper=False, hookwrapper=False, optionalhook=False, tryfirst=False, trylast=False, specname=None)
+            opts = dict(
+                wrapper=False, hookwrapper=False, optionalhook=False, tryfirst=False, trylast=False, specname=None
+            )
         return opts
 
 
@@ -218,9 +221,7 @@ class Engine:
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
-            signatures = "; ".join(
-                f"{h}({', '.join(getattr(self.hook, h).spec.argnames)})" for h in HOOK_NAMES
-            )
+            signatures = "; ".join(f"{h}({', '.join(getattr(self.hook, h).spec.argnames)})" for h in HOOK_NAMES)
             raise ValueError(
                 f"plugin {name!r} cannot be registered: {exc}. A hook implementation may take any "
                 f"subset of its hook's arguments: {signatures}"
@@ -245,10 +246,7 @@ class Engine:
             close = difflib.get_close_matches(hook_name, HOOK_NAMES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             parts.append(f"{hook_name!r}{hint}")
-        return (
-            f"plugin {name!r} implements unknown hook(s) {', '.join(parts)}; the hooks are "
-            f"{', '.join(HOOK_NAMES)}"
-        )
+        return f"plugin {name!r} implements unknown hook(s) {', '.join(parts)}; the hooks are {', '.join(HOOK_NAMES)}"
 
     @property
     def plugins(self) -> dict[str, Any]:
@@ -304,7 +302,9 @@ class Engine:
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         st.epochs = epochs
-        st.total_steps = epochs * st.steps_per_epoch if max_steps is None else min(max_steps, epochs * st.steps_per_epoch)
+        st.total_steps = (
+            epochs * st.steps_per_epoch if max_steps is None else min(max_steps, epochs * st.steps_per_epoch)
+        )
         st.should_stop = False
         try:
             with self._signals_stop_after_step():

@@ -17,7 +17,8 @@ tolerance. Layer norm and GELU use the fused functional forms of the book's form
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +72,7 @@ def normalize_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"GPT config key {key!r} must be a positive int, got {value!r}")
     if out["emb_dim"] % out["n_heads"] != 0:
         raise ValueError(
-            f"GPT config key 'emb_dim' ({out['emb_dim']}) must be divisible by "
-            f"'n_heads' ({out['n_heads']})"
+            f"GPT config key 'emb_dim' ({out['emb_dim']}) must be divisible by 'n_heads' ({out['n_heads']})"
         )
     if not 0.0 <= float(out["drop_rate"]) < 1.0:
         raise ValueError(f"GPT config key 'drop_rate' must be in [0, 1), got {out['drop_rate']!r}")

@@ -22,8 +22,9 @@ A plugin author's test is a few lines::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ def make_engine(
     def loader(n_batches: int) -> DataLoader:
         n = n_batches * batch_size
         inputs = torch.randint(0, 10, (n, seq_len), generator=gen)
-        return DataLoader(TensorDataset(inputs, inputs + 1), batch_size=batch_size, shuffle=False)
+        return DataLoader(TensorDataset(inputs, 2 * inputs + 1), batch_size=batch_size, shuffle=False)
 
     engine_kwargs.setdefault("device", "cpu")
     if losses is not None:
@@ -92,7 +93,9 @@ def make_engine(
     return engine
 
 
-def _fixed_losses(losses: Sequence[float] | Callable[[int], float], step: Callable[[], int]) -> Callable[..., torch.Tensor]:
+def _fixed_losses(
+    losses: Sequence[float] | Callable[[int], float], step: Callable[[], int]
+) -> Callable[..., torch.Tensor]:
     def loss_fn(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         value = losses(step()) if callable(losses) else losses[step()]
         # Multiplying by zero keeps the graph (backward works) while the value is the chosen one.

@@ -24,10 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-
-from enginekit import Engine, NonFiniteLossError, PluginError
-from enginekit.data import verdict_loaders
-from enginekit.gpt import GPT_CONFIG_124M, GPTModel
 from enginekit.plugins import (
     Checkpoint,
     CheckpointError,
@@ -39,6 +35,10 @@ from enginekit.plugins import (
     SampleText,
     plot_lrs,
 )
+
+from enginekit import Engine, NonFiniteLossError, PluginError
+from enginekit.data import verdict_loaders
+from enginekit.gpt import GPT_CONFIG_124M, GPTModel
 from enginekit.testing import drive
 
 TINY_CONFIG = {
@@ -59,16 +59,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("run")
-    g.add_argument("--model", choices=sorted(CONFIGS), default="124M", help="124M: the book's model; tiny: trains in seconds")
+    g.add_argument(
+        "--model", choices=sorted(CONFIGS), default="124M", help="124M: the book's model; tiny: trains in seconds"
+    )
     g.add_argument("--epochs", type=int, default=15, help="passes over the training text")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16: autocast on CPU/CUDA; fp16: CUDA only")
-    g.add_argument("--seed", type=int, default=123, help="torch.manual_seed before building the model (the book uses 123)")
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="bf16: autocast on CPU/CUDA; fp16: CUDA only",
+    )
+    g.add_argument(
+        "--seed", type=int, default=123, help="torch.manual_seed before building the model (the book uses 123)"
+    )
     g.add_argument("--batch-size", type=int, default=2, help="sequences per optimizer step")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (helps on GPU; did not on a 2-core CPU)")
-    g.add_argument("--out", type=Path, default=Path("runs/verdict"), help="metrics.jsonl, losses.png, lr.png, model.pt, checkpoints/")
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (helps on GPU; did not on a 2-core CPU)"
+    )
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/verdict"),
+        help="metrics.jsonl, losses.png, lr.png, model.pt, checkpoints/",
+    )
     s = p.add_argument_group("schedule and clipping (appendix D)")
     s.add_argument("--peak-lr", type=float, default=1e-3, help="AdamW lr, reached after warmup")
     s.add_argument("--initial-lr", type=float, default=1e-5, help="lr at step 0 of the warmup")
@@ -77,12 +93,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     w = s.add_mutually_exclusive_group()
     w.add_argument("--warmup-steps", type=int, default=None, help="warmup length in steps")
     w.add_argument("--warmup-fraction", type=float, default=0.2, help="warmup length as a fraction of all steps")
-    s.add_argument("--max-norm", type=float, default=1.0, help="gradient-norm clipping threshold (from the first post-warmup step)")
+    s.add_argument(
+        "--max-norm", type=float, default=1.0, help="gradient-norm clipping threshold (from the first post-warmup step)"
+    )
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-freq", type=int, default=5, help="evaluate every N steps")
     e.add_argument("--eval-iter", type=int, default=1, help="batches per evaluation")
     c = p.add_argument_group("checkpoints")
-    c.add_argument("--save-every", type=int, default=None, help="also checkpoint every N steps (always at each epoch end)")
+    c.add_argument(
+        "--save-every", type=int, default=None, help="also checkpoint every N steps (always at each epoch end)"
+    )
     c.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (124M: about 2 GB each)")
     c.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in OUT/checkpoints")
     o = p.add_argument_group("switch plugins off")
@@ -96,7 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("checkpoint", "Checkpoint"),
     ]:
         o.add_argument(f"--no-{name}", action="store_true", help=f"run without {what}")
-    p.add_argument("--plot-lr", action="store_true", help="draw the chosen schedule to OUT/lr.png and exit without training")
+    p.add_argument(
+        "--plot-lr", action="store_true", help="draw the chosen schedule to OUT/lr.png and exit without training"
+    )
     args = p.parse_args(argv)
     for flag in ("epochs", "batch_size", "grad_accum", "eval_freq", "eval_iter", "keep_last"):
         if getattr(args, flag) < 1:
@@ -106,15 +128,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def schedule_plugins(args: argparse.Namespace, steps_per_epoch: int) -> tuple[list[object], int]:
     """The LR and clipping plugins for these settings, and the warmup length in steps."""
-    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+    total = (
+        steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+    )
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_fraction * total)
     plugins: list[object] = []
-    if not args.no_warmup:
-        plugins.append(LRWarmup(warmup_steps=warmup, initial_lr=args.initial_lr))
-    if not args.no_cosine:
-        plugins.append(CosineDecay(min_lr=args.min_lr))
+    # pluggy calls the last registered first: LRWarmup goes last so its check of the warmup
+    # length, the root cause when clipping's start is also out of range, is the one reported.
     if not args.no_clip:
         plugins.append(GradClip(max_norm=args.max_norm, start_step=0 if args.no_warmup else warmup))
+    if not args.no_cosine:
+        plugins.append(CosineDecay(min_lr=args.min_lr))
+    if not args.no_warmup:
+        plugins.append(LRWarmup(warmup_steps=warmup, initial_lr=args.initial_lr))
     return plugins, warmup
 
 
@@ -130,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         plugins, _ = schedule_plugins(args, steps_per_epoch)
         run = drive(
             [p for p in plugins if not isinstance(p, GradClip)],
-            epochs=args.epochs, steps_per_epoch=steps_per_epoch, max_steps=args.max_steps, lr=args.peak_lr,
+            epochs=args.epochs,
+            steps_per_epoch=steps_per_epoch,
+            max_steps=args.max_steps,
+            lr=args.peak_lr,
         )
         args.out.mkdir(parents=True, exist_ok=True)
         if not plot_lrs(run.lrs, args.out / "lr.png"):
@@ -156,14 +185,24 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_progress:
         plugins.append(ProgressBar())
     if not args.no_checkpoint:
-        plugins.append(Checkpoint(args.out / "checkpoints", every_steps=args.save_every, keep_last=args.keep_last, resume=args.resume))
+        plugins.append(
+            Checkpoint(
+                args.out / "checkpoints", every_steps=args.save_every, keep_last=args.keep_last, resume=args.resume
+            )
+        )
     elif args.resume:
         print("error: --resume needs checkpoints; drop --no-checkpoint", file=sys.stderr)
         return 2
 
     engine = Engine(
-        model, optimizer, train_loader, val_loader,
-        plugins=plugins, device=device, precision=args.precision, grad_accum_steps=args.grad_accum,
+        model,
+        optimizer,
+        train_loader,
+        val_loader,
+        plugins=plugins,
+        device=device,
+        precision=args.precision,
+        grad_accum_steps=args.grad_accum,
     )
     if args.compile:
         engine.model = torch.compile(engine.model)

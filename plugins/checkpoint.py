@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -107,7 +108,9 @@ class Checkpoint:
         *,
         strict_plugins: bool = True,
     ) -> None:
-        if every_steps is not None and (isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1):
+        if every_steps is not None and (
+            isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1
+        ):
             raise ValueError(f"Checkpoint: every_steps must be an int >= 1 or None, got {every_steps!r}")
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"Checkpoint: keep_last must be an int >= 1, got {keep_last!r}")
@@ -195,7 +198,9 @@ class Checkpoint:
         return {
             name: p
             for name, p in engine.plugins.items()
-            if p is not self and callable(getattr(p, "state_dict", None)) and callable(getattr(p, "load_state_dict", None))
+            if p is not self
+            and callable(getattr(p, "state_dict", None))
+            and callable(getattr(p, "load_state_dict", None))
         }
 
     # ------------------------------------------------------------------ loading
@@ -222,11 +227,15 @@ class Checkpoint:
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:
-            raise CheckpointError(f"{path.name}: refused by the safe loader: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            raise CheckpointError(
+                f"{path.name}: refused by the safe loader: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from exc
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise CheckpointError(f"{path.name}: not an enginekit checkpoint")
         if payload.get("version") != VERSION:
-            raise CheckpointError(f"{path.name}: checkpoint format version {payload.get('version')}, expected {VERSION}")
+            raise CheckpointError(
+                f"{path.name}: checkpoint format version {payload.get('version')}, expected {VERSION}"
+            )
         return payload
 
     def load_latest(self, engine: Engine | None = None) -> tuple[Path, dict[str, Any]] | None:

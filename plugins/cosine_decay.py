@@ -14,8 +14,8 @@ from .lr_warmup import LRWarmup, optimizer_lrs, set_lr
 def cosine_lr(step: int, warmup_steps: int, total_steps: int, peak_lr: float, min_lr: float) -> float:
     """The book's cosine phase, for ``step >= warmup_steps``::
 
-        progress = (step - warmup_steps) / (total_steps - warmup_steps)
-        lr = min_lr + (peak_lr - min_lr) * 0.5 * (1 + cos(pi * progress))
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    lr = min_lr + (peak_lr - min_lr) * 0.5 * (1 + cos(pi * progress))
     """
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -72,7 +72,9 @@ class CosineDecay:
     def before_step(self, engine: Engine, batch: Any) -> None:
         step = engine.state.step
         if step >= self.warmup_steps:
-            set_lr(engine, [cosine_lr(step, self.warmup_steps, self.total_steps, p, self.min_lr) for p in self.peak_lrs])
+            set_lr(
+                engine, [cosine_lr(step, self.warmup_steps, self.total_steps, p, self.min_lr) for p in self.peak_lrs]
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"peak_lrs": list(self.peak_lrs), "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}

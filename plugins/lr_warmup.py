@@ -52,7 +52,9 @@ class LRWarmup:
     ) -> None:
         if (warmup_steps is None) == (warmup_fraction is None):
             raise ValueError("LRWarmup: give exactly one of warmup_steps and warmup_fraction")
-        if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1):
+        if warmup_steps is not None and (
+            isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1
+        ):
             raise ValueError(f"LRWarmup: warmup_steps must be an int >= 1, got {warmup_steps!r}")
         if warmup_fraction is not None and not 0.0 < warmup_fraction < 1.0:
             raise ValueError(f"LRWarmup: warmup_fraction must be between 0 and 1, got {warmup_fraction!r}")
@@ -88,7 +90,9 @@ class LRWarmup:
     @hookimpl
     def before_fit(self, engine: Engine) -> None:
         self.resolved_steps = self.resolve_steps(engine.state.total_steps)
-        self.peak_lrs = [float(self.peak_lr)] * len(engine.optimizer.param_groups) if self.peak_lr else optimizer_lrs(engine)
+        self.peak_lrs = (
+            [float(self.peak_lr)] * len(engine.optimizer.param_groups) if self.peak_lr else optimizer_lrs(engine)
+        )
         for peak in self.peak_lrs:
             if self.initial_lr > peak:
                 raise ValueError(f"LRWarmup: initial_lr ({self.initial_lr}) exceeds the peak lr ({peak})")

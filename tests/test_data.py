@@ -10,7 +10,28 @@ import torch
 from enginekit.data import create_dataloader, gpt2_tokenizer, load_verdict, verdict_loaders
 
 SAMPLE = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
-SAMPLE_IDS = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114, 286, 617, 34680, 27271, 13]
+SAMPLE_IDS = [
+    15496,
+    11,
+    466,
+    345,
+    588,
+    8887,
+    30,
+    220,
+    50256,
+    554,
+    262,
+    4252,
+    18250,
+    8812,
+    2114,
+    286,
+    617,
+    34680,
+    27271,
+    13,
+]
 
 
 def test_sample_sentence_ids():
@@ -20,7 +41,9 @@ def test_sample_sentence_ids():
 def test_whole_story_is_5145_tokens():
     text = load_verdict()
     assert len(text) == 20479
-    assert hashlib.sha256(text.encode()).hexdigest() == "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+    assert (
+        hashlib.sha256(text.encode()).hexdigest() == "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
+    )
     assert len(gpt2_tokenizer().encode(load_verdict())) == 5145
 
 

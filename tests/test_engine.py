@@ -96,8 +96,12 @@ def test_four_micro_batches_give_the_gradients_of_one_batch_four_times_as_large(
         model = GPTModel(cfg).double()
         grabber = GradGrabber()
         engine = Engine(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), gpt_loader(cfg, 16, batch_size),
-            plugins=[grabber], device="cpu", grad_accum_steps=accum,
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            gpt_loader(cfg, 16, batch_size),
+            plugins=[grabber],
+            device="cpu",
+            grad_accum_steps=accum,
         )
         engine.fit(epochs=1)
         results.append(grabber)
@@ -139,7 +143,10 @@ def test_misspelled_hook_fails_at_registration_naming_plugin_and_hook():
         def after_backwards(self, engine):
             pass
 
-    with pytest.raises(ValueError, match="plugin 'typo' implements unknown hook.*'after_backwards' \\(did you mean 'after_backward'\\?\\)"):
+    with pytest.raises(
+        ValueError,
+        match="plugin 'typo' implements unknown hook.*'after_backwards' \\(did you mean 'after_backward'\\?\\)",
+    ):
         make_engine([Typo()])
 
 
@@ -160,7 +167,9 @@ def test_wrong_hook_arguments_are_rejected_with_the_plugin_name():
         def after_step(self, engine, losss):
             pass
 
-    with pytest.raises(ValueError, match="(?s)plugin 'bad_args' cannot be registered.*losss.*after_step\\(engine, loss\\)"):
+    with pytest.raises(
+        ValueError, match="(?s)plugin 'bad_args' cannot be registered.*losss.*after_step\\(engine, loss\\)"
+    ):
         make_engine([BadArgs()])
 
 
@@ -227,7 +236,9 @@ def test_bf16_autocasts_the_matmuls_on_cpu(tiny_cfg):
         model = GPTModel(tiny_cfg)
         seen = []
         model.out_head.register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(out.dtype))
-        engine = Engine(model, torch.optim.AdamW(model.parameters()), gpt_loader(tiny_cfg, 4, 2), device="cpu", precision=precision)
+        engine = Engine(
+            model, torch.optim.AdamW(model.parameters()), gpt_loader(tiny_cfg, 4, 2), device="cpu", precision=precision
+        )
         state = engine.fit(epochs=1)
         dtypes[precision] = set(seen)
         assert state.step == 2
@@ -238,7 +249,13 @@ def test_bf16_autocasts_the_matmuls_on_cpu(tiny_cfg):
 def test_fp16_on_cpu_is_a_clear_error(tiny_cfg):
     model = GPTModel(tiny_cfg)
     with pytest.raises(ValueError, match="fp16.*needs a CUDA device.*bf16"):
-        Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), gpt_loader(tiny_cfg, 4, 2), device="cpu", precision="fp16")
+        Engine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            gpt_loader(tiny_cfg, 4, 2),
+            device="cpu",
+            precision="fp16",
+        )
 
 
 def test_bad_engine_settings_are_named(tiny_cfg):
@@ -255,7 +272,9 @@ def test_bad_engine_settings_are_named(tiny_cfg):
 
 def test_empty_loader_is_a_clear_error(tiny_cfg):
     model = GPTModel(tiny_cfg)
-    empty = DataLoader(TensorDataset(torch.zeros(0, 16, dtype=torch.long), torch.zeros(0, 16, dtype=torch.long)), batch_size=2)
+    empty = DataLoader(
+        TensorDataset(torch.zeros(0, 16, dtype=torch.long), torch.zeros(0, 16, dtype=torch.long)), batch_size=2
+    )
     engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), empty, device="cpu")
     with pytest.raises(ValueError, match="train_loader is empty"):
         engine.fit()
@@ -298,7 +317,13 @@ def test_nonfinite_loss_skip_policy_retries_the_step_with_the_next_batch():
 
 def test_nonfinite_skip_gives_up_after_max_skips():
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
-        drive([], steps_per_epoch=10, losses=lambda step: float("nan") if step >= 1 else 1.0, nonfinite="skip", max_skips=3)
+        drive(
+            [],
+            steps_per_epoch=10,
+            losses=lambda step: float("nan") if step >= 1 else 1.0,
+            nonfinite="skip",
+            max_skips=3,
+        )
 
 
 def test_signal_handlers_are_restored_after_fit():
@@ -342,7 +367,11 @@ def test_evaluate_restores_train_mode_and_averages_like_the_book(tiny_cfg):
     assert model.training
     model.eval()
     with torch.no_grad():
-        expected = sum(
-            torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() for x, y in list(loader)[:2]
-        ) / 2
+        expected = (
+            sum(
+                torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+                for x, y in list(loader)[:2]
+            )
+            / 2
+        )
     assert got == expected

@@ -24,7 +24,13 @@ def test_state_dict_keys_and_shapes_are_the_books():
         ref = RefGPT(GPT_CONFIG_124M).state_dict()
     assert list(ours) == list(ref)
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
-    for key in ("tok_emb.weight", "trf_blocks.0.att.W_query.weight", "trf_blocks.11.att.mask", "final_norm.scale", "out_head.weight"):
+    for key in (
+        "tok_emb.weight",
+        "trf_blocks.0.att.W_query.weight",
+        "trf_blocks.11.att.mask",
+        "final_norm.scale",
+        "out_head.weight",
+    ):
         assert key in ours
 
 
@@ -65,7 +71,9 @@ def test_ctx_len_is_a_synonym(tiny_cfg):
         GPTModel({**tiny_cfg, "ctx_len": 32})
 
 
-@pytest.mark.parametrize("key", ["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias"])
+@pytest.mark.parametrize(
+    "key", ["vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias"]
+)
 def test_missing_key_is_named(tiny_cfg, key):
     del tiny_cfg[key]
     with pytest.raises(ValueError, match=f"missing key.*'{key}'"):

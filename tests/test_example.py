@@ -1,0 +1,116 @@
+"""The main job, examples/pretrain_verdict.py, end to end in a subprocess (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from book_reference import RefGPT
+from conftest import ROOT
+
+SCRIPT = ROOT / "examples" / "pretrain_verdict.py"
+TINY = {
+    "vocab_size": 50257,
+    "context_length": 64,
+    "emb_dim": 64,
+    "n_heads": 4,
+    "n_layers": 2,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
+
+def run_example(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    proc = run_example("--model", "tiny", "--epochs", "2", "--max-steps", "50", "--eval-freq", "10", "--out", str(out))
+    return proc, out
+
+
+def test_tiny_run_exits_0_with_book_style_lines(tiny_run):
+    proc, _ = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    evals = [line for line in lines if line.startswith("Ep ")]
+    assert evals[0].startswith("Ep 1 (Iter 000000): Train loss 10.") and len(evals) == 5
+    assert all(re.fullmatch(r"Ep [12] \(Iter \d{6}\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}", e) for e in evals)
+    assert sum(line.startswith("Every effort moves you") for line in lines) == 2  # one sample per epoch
+    assert "50 steps" in lines[-1]
+
+
+def test_tiny_run_writes_weights_metrics_plots_and_checkpoints(tiny_run):
+    _, out = tiny_run
+    ref = RefGPT(TINY)
+    ref.load_state_dict(torch.load(out / "model.pt", weights_only=True))  # the book's model loads it, strict
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 10, 20, 30, 40]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    for png in ("losses.png", "lr.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt-*.pt")) == ["ckpt-00000036.pt", "ckpt-00000050.pt"]
+
+
+def test_plot_lr_reproduces_the_books_demo_schedule_without_training(tmp_path):
+    proc = run_example(
+        "--plot-lr",
+        "--initial-lr",
+        "1e-4",
+        "--peak-lr",
+        "1e-2",
+        "--warmup-steps",
+        "20",
+        "--min-lr",
+        "1e-5",
+        "--out",
+        str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "135 steps" in proc.stdout
+    assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_help_explains_every_flag():
+    proc = run_example("--help", timeout=60)
+    assert proc.returncode == 0
+    for flag in (
+        "--model",
+        "--epochs",
+        "--max-steps",
+        "--device",
+        "--precision",
+        "--seed",
+        "--batch-size",
+        "--peak-lr",
+        "--initial-lr",
+        "--min-lr",
+        "--warmup-steps",
+        "--warmup-fraction",
+        "--max-norm",
+        "--eval-freq",
+        "--eval-iter",
+        "--out",
+        "--plot-lr",
+        "--no-clip",
+        "--no-cosine",
+        "--save-every",
+        "--resume",
+    ):
+        assert flag in proc.stdout
+
+
+def test_bad_setting_is_a_clear_error_not_a_traceback(tmp_path):
+    proc = run_example("--model", "tiny", "--epochs", "1", "--warmup-steps", "500", "--out", str(tmp_path))
+    assert proc.returncode == 1
+    assert "warmup_steps (500) must be smaller than the run's total_steps (36)" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from enginekit.plugins import GradClip, LRWarmup
+
+from enginekit import hookimpl
+from enginekit.testing import drive
+
+
+class NormSpy:
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    @hookimpl
+    def after_backward(self, engine):
+        grads = [p.grad for p in engine.model.parameters()]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+def test_clips_from_start_step_and_records_the_pre_clip_norm():
+    # pluggy calls the last registered first: `before` sees raw gradients, `after` clipped ones
+    before, clip, after = NormSpy(), GradClip(max_norm=1e-3, start_step=2), NormSpy()
+    run = drive([("after", after), clip, ("before", before)], steps_per_epoch=5)
+    assert len(run.steps) == 5 and all(n > 1e-3 for n in before.norms)
+    assert after.norms[:2] == before.norms[:2]  # not clipped before start_step
+    assert after.norms[2:] == pytest.approx([1e-3] * 3, rel=1e-4)  # clip_grad_norm_ adds 1e-6 to the norm
+    assert float(clip.last_norm) == pytest.approx(before.norms[-1], rel=1e-6)
+
+
+def test_clipping_gives_the_same_update_whatever_the_registration_order():
+    weights = []
+    for plugins in (
+        [GradClip(max_norm=1e-3), LRWarmup(warmup_steps=2)],
+        [LRWarmup(warmup_steps=2), GradClip(max_norm=1e-3)],
+    ):
+        run = drive([*plugins, NormSpy()], steps_per_epoch=4, grad_accum_steps=2)
+        weights.append([p.detach().clone() for p in run.engine.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_clip_with_accumulation_sees_the_whole_steps_gradient():
+    clip = GradClip(max_norm=1e9)
+    one = drive(clip, steps_per_epoch=1, batch_size=8, lr=0.0)
+    norm_big = float(clip.last_norm)
+    clip2 = GradClip(max_norm=1e9)
+    drive(clip2, steps_per_epoch=1, batch_size=2, grad_accum_steps=4, lr=0.0)
+    assert one.engine.state.step == 1
+    assert float(clip2.last_norm) == pytest.approx(norm_big, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"max_norm": 0}, "max_norm must be > 0"), ({"max_norm": -1.0}, "max_norm"), ({"start_step": -1}, "start_step")],
+)
+def test_invalid_settings(kwargs, match):
+    with pytest.raises(ValueError, match=f"GradClip: {match}"):
+        GradClip(**kwargs)
+
+
+def test_start_step_after_the_run_is_rejected():
+    with pytest.raises(ValueError, match="start_step \\(50\\) is not before the run's end \\(10 steps\\)"):
+        drive(GradClip(start_step=50), steps_per_epoch=10)
