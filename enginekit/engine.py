@@ -63,6 +63,22 @@ class PluginValueError(PluginError, ValueError):
     """A plugin rejected a setting (it raised ``ValueError``); still catchable as ``ValueError``."""
 
 
+_PLUGIN_ERROR_CLASSES: dict[type, type] = {ValueError: PluginValueError}
+
+
+def _plugin_error_class(original: type[Exception]) -> type[PluginError]:
+    """A PluginError that is also an instance of the original type, so ``except ValueError``
+    (or ``except CheckpointError``) around ``fit`` still catches what a plugin raised."""
+    cls = _PLUGIN_ERROR_CLASSES.get(original)
+    if cls is None:
+        try:
+            cls = type(f"Plugin{original.__name__}", (PluginError, original), {"__module__": __name__})
+        except TypeError:  # incompatible layouts (e.g. OSError subclasses)
+            cls = PluginValueError if issubclass(original, ValueError) else PluginError
+        _PLUGIN_ERROR_CLASSES[original] = cls
+    return cls
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss was NaN or infinite under the ``error`` policy, or too many steps were skipped."""
 
@@ -285,8 +301,10 @@ class Engine:
             f"plugin {plugin_name!r} failed in hook {hook_name!r} at step {self.state.step} "
             f"(epoch {self.state.epoch}): {type(exc).__name__}: {exc}"
         )
-        cls = PluginValueError if isinstance(exc, ValueError) else PluginError
-        return cls(message, plugin_name, hook_name)
+        try:
+            return _plugin_error_class(type(exc))(message, plugin_name, hook_name)
+        except Exception:  # an exception type whose constructor needs other arguments
+            return PluginError(message, plugin_name, hook_name)
 
     # ------------------------------------------------------------------ the loop
 

@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+
+from enginekit import Engine, NonFiniteLossError, PluginError, TrainingInterrupted
+from enginekit.data import verdict_loaders
+from enginekit.gpt import GPT_CONFIG_124M, GPTModel
 from enginekit.plugins import (
     Checkpoint,
     CheckpointError,
@@ -35,10 +39,6 @@ from enginekit.plugins import (
     SampleText,
     plot_lrs,
 )
-
-from enginekit import Engine, NonFiniteLossError, PluginError
-from enginekit.data import verdict_loaders
-from enginekit.gpt import GPT_CONFIG_124M, GPTModel
 from enginekit.testing import drive
 
 TINY_CONFIG = {
@@ -211,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         state = engine.fit(epochs=args.epochs, max_steps=args.max_steps)
+    except TrainingInterrupted as exc:
+        saved = "" if args.no_checkpoint else f"; checkpoint in {args.out / 'checkpoints'}, continue with --resume"
+        print(f"{exc}{saved}", file=sys.stderr)
+        return exc.exit_code
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

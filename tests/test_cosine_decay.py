@@ -3,8 +3,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from enginekit.plugins import CosineDecay, LRWarmup, cosine_lr, warmup_lr
 
+from enginekit.plugins import CosineDecay, LRWarmup, cosine_lr, warmup_lr
 from enginekit.testing import drive
 
 

@@ -201,6 +201,7 @@ def test_plugin_error_names_plugin_and_hook_and_keeps_the_cause():
     with pytest.raises(PluginError) as info:
         drive([Fine(), ("my_broken", Broken()), ("fine_too", Fine())], steps_per_epoch=4)
     err = info.value
+    assert isinstance(err, KeyError)  # still catchable as what the plugin raised
     assert err.plugin_name == "my_broken" and err.hook_name == "after_step"
     assert "plugin 'my_broken' failed in hook 'after_step' at step 1" in str(err)
     assert isinstance(err.__cause__, KeyError)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+
 from book_reference import RefGPT
 from conftest import ROOT
 
@@ -114,3 +115,44 @@ def test_bad_setting_is_a_clear_error_not_a_traceback(tmp_path):
     assert proc.returncode == 1
     assert "warmup_steps (500) must be smaller than the run's total_steps (36)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_checkpoints_the_last_finished_step_and_resume_equals_uninterrupted(tiny_run, tmp_path):
+    import os
+    import signal
+
+    from enginekit.plugins import Checkpoint
+
+    _, reference = tiny_run
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--epochs", "2", "--max-steps", "50", "--eval-freq", "10", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    for line in proc.stdout:
+        if line.startswith("Ep 1 (Iter 000010)"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    finished = int(re.search(r"interrupted by SIGTERM after (\d+) completed step", stderr).group(1))
+    assert 11 <= finished < 36  # mid-epoch
+    ckpt = Checkpoint(out / "checkpoints")
+    newest = ckpt.checkpoints()[0]
+    assert newest.name == f"ckpt-{finished:08d}.pt" and ckpt.verify(newest) is None
+
+    resumed = run_example(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from ckpt-{finished:08d}.pt" in resumed.stdout
+    ours, theirs = (
+        torch.load(out / "model.pt", weights_only=True),
+        torch.load(reference / "model.pt", weights_only=True),
+    )
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert (out / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from book_reference import RefGPT
 
 from enginekit.data import gpt2_tokenizer
 from enginekit.gpt import GPT_CONFIG_124M, GPTModel, generate, text_to_token_ids, token_ids_to_text
+
+from book_reference import RefGPT
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from enginekit.plugins import GradClip, LRWarmup
 
 from enginekit import hookimpl
+from enginekit.plugins import GradClip, LRWarmup
 from enginekit.testing import drive
 
 

@@ -5,8 +5,8 @@ import re
 import sys
 
 import pytest
-from enginekit.plugins import LossTracker, LRWarmup
 
+from enginekit.plugins import LossTracker, LRWarmup
 from enginekit.testing import drive
 
 LINE = re.compile(r"^Ep (\d+) \(Iter (\d{6})\): Train loss (\d+\.\d{3}), Val loss (\d+\.\d{3})$")

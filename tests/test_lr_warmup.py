@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from enginekit.plugins import LRWarmup, warmup_lr
 
+from enginekit.plugins import LRWarmup, warmup_lr
 from enginekit.testing import drive
 
 

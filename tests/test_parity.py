@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from enginekit.plugins import CosineDecay, GradClip, LossTracker, LRWarmup, SampleText
 
 from enginekit import Engine
 from enginekit.data import create_dataloader, load_verdict
 from enginekit.gpt import GPTModel
+from enginekit.plugins import CosineDecay, GradClip, LossTracker, LRWarmup, SampleText
 
 EPOCHS, WARMUP, INITIAL_LR, MIN_LR, PEAK_LR = 2, 5, 1e-5, 1e-5, 1e-3
 EVAL_FREQ, EVAL_ITER = 3, 2

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from enginekit.plugins import LossTracker, ProgressBar
 
+from enginekit.plugins import LossTracker, ProgressBar
 from enginekit.testing import drive
 
 

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from enginekit.plugins import SampleText
 from torch.utils.data import DataLoader, TensorDataset
 
 from enginekit import Engine
 from enginekit.gpt import GPTModel
+from enginekit.plugins import SampleText
 
 
 def engine_for(cfg, plugin):

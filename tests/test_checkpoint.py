@@ -1,0 +1,339 @@
+"""Checkpoint: exact resume, crash safety, corruption, hostile files, plugin state, policies."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from enginekit import NonFiniteLossError, hookimpl
+from enginekit.plugins import Checkpoint, CheckpointError, LossTracker, LRWarmup, warmup_lr
+from enginekit.plugins.checkpoint import sha256_file
+from enginekit.testing import drive, make_engine
+
+from conftest import ROOT
+
+JOB = ROOT / "tests" / "resume_job.py"
+
+
+def job(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(JOB), str(out), *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def load_result(out: Path) -> dict:
+    return torch.load(out / "result.pt", weights_only=True)
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a["steps"] == b["steps"] == 36
+    assert a["lrs"] == b["lrs"]
+    for key in ("train_losses", "val_losses", "tokens_seen"):
+        assert a[key] == b[key], key
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for pid, st in a["optimizer"]["state"].items():
+        for name, value in st.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    job(out)
+    return load_result(out)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> Path:
+    """A run SIGKILLed at the start of step 18: its newest checkpoint is after 16 steps, mid-epoch 1."""
+    out = tmp_path_factory.mktemp("killed")
+    proc = job(out, "--kill-at", "18", check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [
+        "ckpt-00000008.pt",
+        "ckpt-00000012.pt",
+        "ckpt-00000016.pt",
+    ]
+    return out
+
+
+def resumed_copy(killed: Path, tmp_path: Path, *flags: str) -> dict:
+    out = tmp_path / "run"
+    shutil.copytree(killed, out)
+    proc = job(out, "--resume", *flags)
+    assert "resumed from ckpt-00000016.pt (step " in proc.stdout
+    return load_result(out)
+
+
+def test_killed_then_resumed_in_a_fresh_process_equals_uninterrupted(uninterrupted, killed, tmp_path):
+    ckpt = Checkpoint(killed / "checkpoints")
+    newest = ckpt.checkpoints()[0]
+    assert ckpt.verify(newest) is None  # kill -9 during training left a checkpoint whose hash matches
+    state = ckpt.load(newest)["engine"]
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (16, 1, 4)  # mid-epoch
+    resumed = resumed_copy(killed, tmp_path)
+    assert_identical(resumed, uninterrupted)
+    # the metrics file was rewritten from the restored tracker: no duplicated rows of lost steps
+    lines = (tmp_path / "run" / "metrics" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(uninterrupted["train_losses"]) == 12
+
+
+@pytest.mark.parametrize("flag", ["--broken-rng", "--broken-schedule"])
+def test_negative_controls_resume_without_rng_or_schedule_state_differs(uninterrupted, killed, tmp_path, flag):
+    broken = resumed_copy(killed, tmp_path, flag)
+    with pytest.raises(AssertionError):
+        assert_identical(broken, uninterrupted)
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(JOB), str(out), "--pause-write-at", "16"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "paused").exists():
+            assert proc.poll() is None and time.time() < deadline, "job ended before pausing"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    folder = out / "checkpoints"
+    leftovers = list(folder.glob(".ckpt-*.tmp"))
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the interrupted write
+    ckpt = Checkpoint(folder)
+    assert [p.name for p in ckpt.checkpoints()][0] == "ckpt-00000012.pt"
+    assert ckpt.verify(ckpt.checkpoints()[0]) is None
+    proc2 = job(out, "--resume")
+    assert "resumed from ckpt-00000012.pt" in proc2.stdout
+    assert not list(folder.glob(".ckpt-*.tmp"))  # cleaned up
+    assert_identical(load_result(out), uninterrupted)
+
+
+# ---------------------------------------------------------------- corruption and hostile files
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path) -> Path:
+    folder = tmp_path / "ck"
+    drive([LossTracker(eval_freq=2), Checkpoint(folder, every_steps=3)], steps_per_epoch=6)
+    assert [p.name for p in Checkpoint(folder).checkpoints()] == ["ckpt-00000006.pt", "ckpt-00000003.pt"]
+    return folder
+
+
+def resume_engine(folder: Path):
+    engine = make_engine([LossTracker(eval_freq=2), Checkpoint(folder, every_steps=3, resume=True)], steps_per_epoch=6)
+    engine.fit(max_steps=7, epochs=2)
+    return engine
+
+
+def test_truncated_checkpoint_is_detected_and_the_previous_one_used(two_checkpoints, capsys):
+    newest = two_checkpoints / "ckpt-00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    engine = resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000006.pt: sha256 mismatch" in out and "truncated or corrupted" in out
+    assert "resumed from ckpt-00000003.pt (step 3" in out
+    assert engine.state.step == 7
+
+
+def test_bit_flipped_checkpoint_is_detected(two_checkpoints, capsys):
+    newest = two_checkpoints / "ckpt-00000006.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+    resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "skipping" in line] == [
+        next(line for line in out.splitlines() if "ckpt-00000006.pt: sha256 mismatch" in line)
+    ]
+    assert "resumed from ckpt-00000003.pt" in out
+
+
+class Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("rehash", [False, True], ids=["hash-mismatch", "attacker-rewrote-the-hash"])
+def test_malicious_pickle_is_refused_and_never_runs(two_checkpoints, tmp_path, capsys, rehash):
+    marker = tmp_path / "pwned"
+    newest = two_checkpoints / "ckpt-00000006.pt"
+    newest.write_bytes(pickle.dumps({"model": Exploit(marker)}))
+    if rehash:
+        digest = hashlib.sha256(newest.read_bytes()).hexdigest()
+        (two_checkpoints / "ckpt-00000006.pt.sha256").write_text(f"{digest}  ckpt-00000006.pt\n")
+    resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert not marker.exists()
+    reason = "refused by the safe loader" if rehash else "sha256 mismatch"
+    assert f"skipping ckpt-00000006.pt: {reason}" in out
+    assert "resumed from ckpt-00000003.pt" in out
+
+
+def test_loading_uses_weights_only(two_checkpoints, monkeypatch):
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    Checkpoint(two_checkpoints).load_latest()
+    assert calls and all(k.get("weights_only") is True for k in calls)
+
+
+def test_no_valid_checkpoint_at_all_is_an_error_not_a_fresh_start(two_checkpoints):
+    for p in two_checkpoints.glob("ckpt-*.pt"):
+        p.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="no valid checkpoint.*2 found, none verifies"):
+        resume_engine(two_checkpoints)
+
+
+def test_empty_folder_starts_fresh(tmp_path, capsys):
+    engine = resume_engine(tmp_path / "nothing")
+    assert "no checkpoint in" in capsys.readouterr().out and engine.state.step == 7
+
+
+def test_leftover_temporary_file_is_ignored_and_removed(two_checkpoints):
+    leftover = two_checkpoints / ".ckpt-00000009.pt.4242.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    engine = resume_engine(two_checkpoints)
+    assert not leftover.exists() and engine.state.step == 7
+
+
+def test_missing_hash_file_means_unfinished_and_is_skipped(two_checkpoints, capsys):
+    (two_checkpoints / "ckpt-00000006.pt.sha256").unlink()
+    resume_engine(two_checkpoints)
+    assert "no .sha256 file beside it" in capsys.readouterr().out
+
+
+def test_keep_last_prunes_only_older_checkpoints(tmp_path):
+    folder = tmp_path / "ck"
+    drive(Checkpoint(folder, every_steps=1, keep_last=2), steps_per_epoch=5)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ckpt-00000004.pt",
+        "ckpt-00000004.pt.sha256",
+        "ckpt-00000005.pt",
+        "ckpt-00000005.pt.sha256",
+    ]
+    assert all(Checkpoint(folder).verify(p) is None for p in Checkpoint(folder).checkpoints())
+    line = (folder / "ckpt-00000005.pt.sha256").read_text()
+    assert line == f"{sha256_file(folder / 'ckpt-00000005.pt')}  ckpt-00000005.pt\n"  # sha256sum format
+
+
+# ---------------------------------------------------------------- plugin state
+
+
+def test_plugin_state_round_trips(tmp_path):
+    folder = tmp_path / "ck"
+    first = LossTracker(eval_freq=2)
+    drive([first, LRWarmup(warmup_steps=3), Checkpoint(folder, every_steps=4)], steps_per_epoch=4)
+    second = LossTracker(eval_freq=2)
+    engine = make_engine([second, LRWarmup(warmup_steps=3), Checkpoint(folder, resume=True)], steps_per_epoch=4)
+    engine.fit(epochs=1)  # already complete: restores and ends
+    assert second.records == first.records and second.lrs == first.lrs
+
+
+def test_state_for_an_unregistered_plugin_is_an_error_naming_it(tmp_path):
+    folder = tmp_path / "ck"
+    drive([LossTracker(), ("extra_tracker", LossTracker()), Checkpoint(folder)], steps_per_epoch=2)
+    unknown = r"holds state for plugin\(s\) \['extra_tracker'\] that are not registered.*strict_plugins=False"
+    with pytest.raises(CheckpointError, match=unknown):
+        make_engine([LossTracker(), Checkpoint(folder, resume=True)], steps_per_epoch=2).fit(epochs=2)
+
+
+def test_missing_state_for_a_registered_plugin_is_an_error_unless_accepted(tmp_path, capsys):
+    folder = tmp_path / "ck"
+    drive([Checkpoint(folder)], steps_per_epoch=2)
+    with pytest.raises(CheckpointError, match=r"no state for registered plugin\(s\) \['loss_tracker'\]"):
+        make_engine([LossTracker(), Checkpoint(folder, resume=True)], steps_per_epoch=2).fit(epochs=2)
+    engine = make_engine([LossTracker(), Checkpoint(folder, resume=True, strict_plugins=False)], steps_per_epoch=2)
+    engine.fit(epochs=2)
+    assert engine.state.step == 4 and "resuming anyway" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- non-finite loss and signals
+
+
+def test_nan_under_the_error_policy_writes_no_checkpoint_of_the_poisoned_state(tmp_path):
+    folder = tmp_path / "ck"
+    with pytest.raises(NonFiniteLossError, match="at step 5"):
+        drive(Checkpoint(folder, every_steps=1), steps_per_epoch=8, losses=lambda s: float("nan") if s == 5 else 1.0)
+    names = [p.name for p in Checkpoint(folder).checkpoints()]
+    assert names[0] == "ckpt-00000005.pt"  # after steps 0-4; nothing for step 5 or later
+    payload = Checkpoint(folder).load(folder / names[0])
+    assert all(torch.isfinite(v).all() for v in payload["model"].values())
+
+
+def nan_once_at(step: int):
+    pending = [True]
+
+    def loss(s: int) -> float:
+        if s == step and pending[0]:
+            pending[0] = False
+            return float("nan")
+        return 1.0
+
+    return loss
+
+
+def test_nan_under_the_skip_policy_leaves_state_and_schedule_unchanged(tmp_path):
+    weights = []
+
+    class Watch:
+        @hookimpl
+        def before_step(self, engine, batch):
+            weights.append((engine.state.step, engine.model.weights[0].item()))
+
+    folder = tmp_path / "ck"
+    run = drive(
+        [Watch(), LRWarmup(warmup_steps=4, initial_lr=0.0), Checkpoint(folder, every_steps=1)],
+        steps_per_epoch=8,
+        lr=0.1,
+        nonfinite="skip",
+        losses=nan_once_at(3),
+    )
+    assert [s.step for s in run.steps] == list(range(7))  # 8 batches, one skipped: step 3 retried
+    assert run.lrs[:5] == [warmup_lr(s, 4, 0.0, 0.1) for s in range(4)] + [0.1]  # schedule did not advance on the skip
+    attempts_of_3 = [w for s, w in weights if s == 3]
+    assert len(attempts_of_3) == 2 and attempts_of_3[0] == attempts_of_3[1]  # weights unchanged by the skip
+    assert [p.name for p in Checkpoint(folder).checkpoints()][0] == "ckpt-00000007.pt"
+
+
+def test_sigterm_saves_the_last_finished_step(tmp_path):
+    folder = tmp_path / "ck"
+
+    class Term:
+        @hookimpl
+        def after_backward(self, engine):
+            if engine.state.step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    from enginekit import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted) as info:
+        drive([Term(), Checkpoint(folder, every_epoch=False)], steps_per_epoch=6)
+    assert info.value.exit_code == 143
+    assert [p.name for p in Checkpoint(folder).checkpoints()] == ["ckpt-00000003.pt"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"keep_last": 0}, "keep_last must be an int >= 1"), ({"every_steps": 0}, "every_steps must be an int >= 1")],
+)
+def test_invalid_settings(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=f"Checkpoint: {match}"):
+        Checkpoint(tmp_path, **kwargs)
