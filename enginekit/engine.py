@@ -110,7 +110,10 @@ def default_plugin_name(plugin: object) -> str:
     explicit = getattr(plugin, "plugin_name", None)
     if isinstance(explicit, str) and explicit:
         return explicit
-    raw = plugin.__name__.rsplit(".", 1)[-1] if isinstance(plugin, types.ModuleType) else type(plugin).__name__
+    if isinstance(plugin, types.ModuleType):
+        raw = plugin.__name__.rsplit(".", 1)[-1]
+    else:
+        raw = plugin.__name__ if isinstance(plugin, type) else type(plugin).__name__
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", raw).lower()
 
 
@@ -153,6 +156,9 @@ class Engine:
         nonfinite: ``"error"`` (raise :class:`NonFiniteLossError` before the update) or
             ``"skip"`` (drop the step's update and try the next batch for the same step).
         max_skips: with ``"skip"``, consecutive skipped steps tolerated before raising.
+        autoload_plugins: also register every installed plugin (entry-point group
+            ``enginekit``) not already registered under its name. Off by default: a run only
+            runs the plugins it names.
     """
 
     def __init__(
@@ -169,6 +175,7 @@ class Engine:
         grad_accum_steps: int = 1,
         nonfinite: str = "error",
         max_skips: int = 10,
+        autoload_plugins: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -212,6 +219,12 @@ class Engine:
                 self.register(plugin[1], name=plugin[0])
             else:
                 self.register(plugin)
+        if autoload_plugins:
+            from .discovery import installed_plugins
+
+            for ep_name in installed_plugins():
+                if self.pm.get_plugin(ep_name) is None:
+                    self.register(ep_name)
 
     #: ``Engine.pick_device("auto")`` resolves a device the way the engine does.
     pick_device = staticmethod(_resolve_device)
@@ -225,6 +238,8 @@ class Engine:
 
             name = name or plugin
             plugin = load_plugin(plugin)
+        if isinstance(plugin, type):
+            raise TypeError(f"plugin {plugin.__name__} is a class; register an instance: {plugin.__name__}(...)")
         name = name or default_plugin_name(plugin)
         if self.pm.get_plugin(name) is not None:
             raise ValueError(

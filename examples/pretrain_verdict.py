@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         plugins.append(SampleText())
     if not args.no_progress:
         plugins.append(ProgressBar())
+    plugins.extend(args.plugin)  # installed plugins, by name; the engine loads and validates them
     if not args.no_checkpoint:
         plugins.append(
             Checkpoint(
@@ -194,16 +195,20 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --resume needs checkpoints; drop --no-checkpoint", file=sys.stderr)
         return 2
 
-    engine = Engine(
-        model,
-        optimizer,
-        train_loader,
-        val_loader,
-        plugins=plugins,
-        device=device,
-        precision=args.precision,
-        grad_accum_steps=args.grad_accum,
-    )
+    try:
+        engine = Engine(
+            model,
+            optimizer,
+            train_loader,
+            val_loader,
+            plugins=plugins,
+            device=device,
+            precision=args.precision,
+            grad_accum_steps=args.grad_accum,
+        )
+    except (ValueError, ImportError, TypeError) as exc:  # e.g. an unknown or broken --plugin
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.compile:
         engine.model = torch.compile(engine.model)
     n_params = sum(p.numel() for p in model.parameters())

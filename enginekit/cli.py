@@ -1,0 +1,109 @@
+"""The ``enginekit`` command: what plugins are available and how hooks are dispatched.
+
+enginekit plugins                     built-in and installed plugins, origin, hooks
+enginekit hooks                       the hook protocol, in firing order
+enginekit hooks lr_warmup grad_clip   ...and the order those plugins are called per hook
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from typing import Any
+
+from . import hookspec
+from .discovery import installed_plugins
+from .engine import HOOK_NAMES, _PluginManager
+
+__all__ = ["main"]
+
+
+def builtin_plugins() -> dict[str, type]:
+    """Built-in plugin classes by their default registration name."""
+    from . import plugins
+    from .engine import default_plugin_name
+
+    classes = [getattr(plugins, n) for n in plugins.__all__ if inspect.isclass(getattr(plugins, n))]
+    return {default_plugin_name(cls): cls for cls in classes if _hooks_of(cls)}
+
+
+def _manager() -> _PluginManager:
+    pm = _PluginManager(hookspec.PROJECT)
+    pm.add_hookspecs(hookspec)
+    return pm
+
+
+def _hooks_of(plugin: Any) -> list[str]:
+    pm = _manager()
+    pm.register(plugin, name="x")
+    return [h for h in HOOK_NAMES if any(i.plugin_name == "x" for i in getattr(pm.hook, h).get_hookimpls())]
+
+
+def _resolve(name: str) -> Any:
+    """A plugin class or object by name, without building it (no settings needed to inspect it)."""
+    builtins = builtin_plugins()
+    if name in builtins:
+        return builtins[name]
+    eps = installed_plugins()
+    if name in eps:
+        return eps[name].load()
+    known = ", ".join(sorted({*builtins, *eps}))
+    raise SystemExit(f"enginekit: unknown plugin {name!r}; known: {known}")
+
+
+def cmd_plugins(_: argparse.Namespace) -> int:
+    rows = [
+        (name, f"built-in ({cls.__module__}.{cls.__qualname__})", _hooks_of(cls))
+        for name, cls in builtin_plugins().items()
+    ]
+    for name, ep in sorted(installed_plugins().items()):
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.name} {dist.version}" if dist is not None else "?"
+        try:
+            hooks = _hooks_of(ep.load())
+        except Exception as exc:
+            hooks = [f"<fails to import: {type(exc).__name__}: {exc}>"]
+        rows.append((name, f"installed: {origin} ({ep.value})", hooks))
+    width = max(len(r[0]) for r in rows)
+    for name, origin, hooks in rows:
+        print(f"{name:<{width}}  {origin}")
+        print(f"{'':<{width}}  hooks: {', '.join(hooks)}")
+    print("\nInstalled plugins run only when named: Engine(plugins=['<name>', ...]).")
+    return 0
+
+
+def cmd_hooks(args: argparse.Namespace) -> int:
+    pm = _manager()
+    for name in args.plugins:
+        pm.register(_resolve(name), name=name)
+    print("Hooks, in the order one fit emits them (step hooks once per optimizer step):")
+    for hook in HOOK_NAMES:
+        doc = inspect.getdoc(getattr(hookspec, hook)) or ""
+        line = f"  {hook:<15} {doc.splitlines()[0] if doc else ''}"
+        if args.plugins:
+            # pluggy calls tryfirst implementations first, trylast ones last, otherwise the last registered first
+            order = [
+                impl.plugin_name + ("(tryfirst)" if impl.tryfirst else "(trylast)" if impl.trylast else "")
+                for impl in reversed(getattr(pm.hook, hook).get_hookimpls())
+            ]
+            line += f"\n  {'':<15} called: {' -> '.join(order) if order else '-'}"
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="enginekit", description="Inspect enginekit's plugins and hooks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "plugins", help="list built-in and installed plugins, where each comes from, its hooks"
+    ).set_defaults(func=cmd_plugins)
+    hooks = sub.add_parser("hooks", help="the hook protocol; with plugin names, the call order per hook")
+    hooks.add_argument("plugins", nargs="*", help="plugin names in registration order (built-in or installed)")
+    hooks.set_defaults(func=cmd_hooks)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

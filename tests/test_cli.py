@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+from enginekit.cli import main
+
+
+def test_plugins_lists_builtins_with_origin_and_hooks(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "lr_warmup     built-in (enginekit.plugins.lr_warmup.LRWarmup)" in out
+    assert "hooks: before_fit, after_backward" in out  # grad_clip
+    assert "run only when named" in out
+
+
+def test_plugins_lists_installed_ones_with_their_distribution(capsys):
+    import pytest
+
+    pytest.importorskip("enginekit_ema")
+    main(["plugins"])
+    out = capsys.readouterr().out
+    assert "ema" in out and "installed: enginekit-ema 0.1.0 (enginekit_ema:EMA)" in out
+
+
+def test_hooks_prints_the_protocol_in_order(capsys):
+    main(["hooks"])
+    out = capsys.readouterr().out
+    names = [
+        line.split()[0]
+        for line in out.splitlines()[1:]
+        if line.startswith("  ") and not line.strip().startswith("called")
+    ]
+    expected = ["before_fit", "before_epoch", "before_step", "after_backward", "after_step", "after_epoch", "after_fit"]
+    assert names == expected + ["on_exception"]
+
+
+def test_hooks_shows_the_call_order_for_given_plugins(capsys):
+    main(["hooks", "lr_warmup", "loss_tracker", "checkpoint"])
+    lines = capsys.readouterr().out.splitlines()
+    after_step = lines[lines.index(next(x for x in lines if x.strip().startswith("after_step"))) + 1]
+    assert after_step.split("called: ")[1] == "loss_tracker -> checkpoint(trylast)"
+    before_fit = lines[lines.index(next(x for x in lines if x.strip().startswith("before_fit"))) + 1]
+    assert before_fit.split("called: ")[1] == "loss_tracker -> lr_warmup -> checkpoint(trylast)"
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("enginekit") or [sys.executable, "-m", "enginekit.cli"]
+    cmd = [exe, "hooks"] if isinstance(exe, str) else [*exe, "hooks"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "after_backward" in proc.stdout
+
+
+def test_unknown_plugin_name_in_hooks_lists_known_ones(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown plugin 'nope'; known: .*lr_warmup"):
+        main(["hooks", "nope"])
