@@ -365,6 +365,8 @@ class Engine:
                 break
             st.batches_in_epoch += len(micro_batches)
             self._train_step(micro_batches)
+            if self._ddp is not None:
+                self._agree_on_stop()
             if self._stop_signal is not None:
                 raise TrainingInterrupted(self._stop_signal, st.step)
             if st.should_stop:
@@ -380,6 +382,8 @@ class Engine:
 
         # 1. forward + backward per micro-batch; the loss is averaged so gradients equal the big batch's
         loss, tokens = self._forward_backward(micro_batches)
+        if self._ddp is not None:  # every rank then logs, and judges finiteness on, the same number
+            loss = self._all_reduce_mean(loss)
         # 2. unscale fp16 gradients so after_backward sees true magnitudes
         if self.scaler is not None:
             self.scaler.unscale_(opt)
@@ -396,8 +400,6 @@ class Engine:
         opt.zero_grad(set_to_none=True)
         # 5. the step is done: counters, then the plugins' bookkeeping
         st.tokens_seen += tokens * st.world_size
-        if self._ddp is not None:
-            loss = self._all_reduce_mean(loss)
         self._in_after_step = True
         try:
             self._emit("after_step", loss=loss)
@@ -642,6 +644,16 @@ class Engine:
         value = value.clone()
         dist.all_reduce(value)
         return value / self.state.world_size
+
+    def _agree_on_stop(self) -> None:
+        """A stop (signal or should_stop) on any rank stops every rank after the same step."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([self._stop_signal or 0, int(self.state.should_stop)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, stop = (int(v) for v in flags.tolist())
+        self._stop_signal = signum or None
+        self.state.should_stop = bool(stop)
 
     def barrier(self) -> None:
         """Wait for every rank (no-op outside torchrun)."""

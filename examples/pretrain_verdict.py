@@ -116,6 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("checkpoint", "Checkpoint"),
     ]:
         o.add_argument(f"--no-{name}", action="store_true", help=f"run without {what}")
+    o.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also enable an installed plugin by its entry-point name (repeatable; see `enginekit plugins`)",
+    )
     p.add_argument(
         "--plot-lr", action="store_true", help="draw the chosen schedule to OUT/lr.png and exit without training"
     )

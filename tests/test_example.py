@@ -156,3 +156,15 @@ def test_sigterm_checkpoints_the_last_finished_step_and_resume_equals_uninterrup
     )
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert (out / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_installed_plugins_are_enabled_by_name(tmp_path):
+    proc = run_example("--model", "tiny", "--max-steps", "3", "--plugin", "nope", "--out", str(tmp_path))
+    assert proc.returncode == 1 and "no installed enginekit plugin named 'nope'" in proc.stderr
+    pytest.importorskip("enginekit_ema")
+    proc = run_example("--model", "tiny", "--max-steps", "3", "--plugin", "ema", "--no-progress", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    from enginekit.plugins import Checkpoint
+
+    payload = Checkpoint(tmp_path / "checkpoints").load_latest()[1]
+    assert payload["plugins"]["ema"]["updates"] == 3

@@ -1,0 +1,93 @@
+"""A training job for the torchrun tests (2 CPU processes, gloo).
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_job.py OUT [--batch-size B] [--no-dropout]
+        [--no-shuffle] [--kill-at K] [--resume] [--per-rank-dirs]
+
+Each rank writes OUT/result-rank<R>.pt (its final weights and counters) itself, so the tests
+can compare ranks; everything else under OUT is written by enginekit's plugins. With
+--per-rank-dirs each rank gives its plugins OUT/rank<R>/ so a test can see who wrote files.
+Run without torchrun it is the single-process reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from enginekit import Engine, hookimpl  # noqa: E402
+from enginekit.data import create_dataloader, load_verdict  # noqa: E402
+from enginekit.gpt import GPTModel  # noqa: E402
+from enginekit.plugins import Checkpoint, CosineDecay, GradClip, LossTracker, LRWarmup  # noqa: E402
+
+from conftest import TINY_CFG  # noqa: E402
+
+
+class KillAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def before_step(self, engine, batch):
+        if engine.state.step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out", type=Path)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--no-dropout", action="store_true")
+    p.add_argument("--no-shuffle", action="store_true")
+    p.add_argument("--kill-at", type=int)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--per-rank-dirs", action="store_true")
+    p.add_argument("--epochs", type=int, default=2)
+    args = p.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    out = args.out / f"rank{rank}" if args.per_rank_dirs else args.out
+
+    torch.manual_seed(123)
+    cfg = {**TINY_CFG, "drop_rate": 0.0 if args.no_dropout else 0.1}
+    text = load_verdict()[:3000]
+    split = int(0.9 * len(text))
+    ctx = cfg["context_length"]
+    train = create_dataloader(
+        text[:split], batch_size=args.batch_size, max_length=ctx, stride=ctx, shuffle=not args.no_shuffle
+    )
+    val = create_dataloader(text[split:], batch_size=2, max_length=ctx, stride=ctx, shuffle=False, drop_last=False)
+    model = GPTModel(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    tracker = LossTracker(eval_freq=4, eval_iter=1, out_dir=out / "metrics")
+    plugins = [
+        LRWarmup(warmup_steps=3, initial_lr=1e-5),
+        CosineDecay(min_lr=1e-5),
+        GradClip(max_norm=1.0, start_step=3),
+        tracker,
+        Checkpoint(out / "checkpoints", every_steps=5, resume=args.resume),
+    ]
+    if args.kill_at is not None:
+        plugins.append(KillAt(args.kill_at))
+    engine = Engine(model, optimizer, train, val, plugins=plugins, device="cpu")
+    engine.fit(epochs=args.epochs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "steps": engine.state.step,
+            "tokens_seen": engine.state.tokens_seen,
+            "world_size": engine.state.world_size,
+            "train_losses": tracker.train_losses,
+            "lrs": tracker.lrs,
+        },
+        args.out / f"result-rank{rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Data-parallel training under torchrun: 2 CPU processes with gloo (runs in CI on 2 cores)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import ROOT
+
+JOB = ROOT / "tests" / "ddp_job.py"
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def torchrun(out: Path, *args: str, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(JOB)]
+    proc = subprocess.run([*cmd, str(out), *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def single(out: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(JOB), str(out), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def results(out: Path) -> list[dict]:
+    return [torch.load(p, weights_only=True) for p in sorted(out.glob("result-rank*.pt"))]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    proc = torchrun(out, "--per-rank-dirs")
+    return out, proc
+
+
+def test_weights_are_identical_on_both_ranks(two_ranks):
+    out, _ = two_ranks
+    r0, r1 = results(out)
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["steps"] == r1["steps"] > 5
+    assert all(torch.equal(r0["model"][k], r1["model"][k]) for k in r0["model"])
+    assert r0["train_losses"] == r1["train_losses"]  # losses are averaged over ranks
+
+
+def test_only_rank_0_writes_files_and_prints(two_ranks):
+    out, proc = two_ranks
+    assert (out / "rank0" / "metrics" / "metrics.jsonl").exists()
+    assert list((out / "rank0" / "checkpoints").glob("ckpt-*.pt"))
+    assert not (out / "rank1").exists()
+    assert proc.stdout.count("Ep 1 (Iter 000000)") == 1
+
+
+def test_tokens_are_counted_over_ranks(two_ranks):
+    out, _ = two_ranks
+    r0, _ = results(out)
+    # per rank: steps x batch 2 x context 16; the run counts both ranks
+    assert r0["tokens_seen"] == r0["steps"] * 2 * 2 * 16
+
+
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
+    torchrun(tmp_path / "ddp", "--batch-size", "1", "--no-dropout", "--no-shuffle")
+    single(tmp_path / "one", "--batch-size", "2", "--no-dropout", "--no-shuffle")
+    (ddp, _), (one,) = results(tmp_path / "ddp"), results(tmp_path / "one")
+    assert ddp["steps"] == one["steps"] and ddp["lrs"] == one["lrs"]
+    for key, value in one["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_interrupted_and_resumed_under_two_ranks_equals_uninterrupted(two_ranks, tmp_path):
+    reference, _ = two_ranks
+    out = tmp_path / "run"
+    proc = torchrun(out, "--kill-at", "13", check=False)
+    assert proc.returncode != 0
+    names = sorted(p.name for p in (out / "checkpoints").glob("ckpt-*.pt"))
+    assert names[-1] == "ckpt-00000010.pt"  # mid-epoch: 11 steps per epoch per rank
+    torchrun(out, "--resume")
+    ref0 = torch.load(reference / "result-rank0.pt", weights_only=True)
+    for res in results(out):
+        assert (
+            res["steps"] == ref0["steps"] and res["lrs"] == ref0["lrs"] and res["train_losses"] == ref0["train_losses"]
+        )
+        assert all(torch.equal(res["model"][k], ref0["model"][k]) for k in ref0["model"])
+    shutil.rmtree(out)
+
+
+def test_the_example_runs_unchanged_under_torchrun(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["--model", "tiny", "--epochs", "1", "--max-steps", "8", "--eval-freq", "4", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [*cmd, str(ROOT / "examples" / "pretrain_verdict.py"), *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("Ep 1 (Iter 000000)") == 1 and proc.stdout.count("Every effort moves you") == 1
+    assert "8 steps" in proc.stdout and (tmp_path / "model.pt").exists()
