@@ -162,7 +162,9 @@ def test_installed_plugins_are_enabled_by_name(tmp_path):
     proc = run_example("--model", "tiny", "--max-steps", "3", "--plugin", "nope", "--out", str(tmp_path))
     assert proc.returncode == 1 and "no installed enginekit plugin named 'nope'" in proc.stderr
     pytest.importorskip("enginekit_ema")
-    proc = run_example("--model", "tiny", "--max-steps", "3", "--plugin", "ema", "--no-progress", "--out", str(tmp_path))
+    proc = run_example(
+        "--model", "tiny", "--max-steps", "3", "--plugin", "ema", "--no-progress", "--out", str(tmp_path)
+    )
     assert proc.returncode == 0, proc.stderr
     from enginekit.plugins import Checkpoint
 
