@@ -133,22 +133,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def schedule_plugins(args: argparse.Namespace, steps_per_epoch: int) -> tuple[list[object], int]:
-    """The LR and clipping plugins for these settings, and the warmup length in steps."""
-    total = (
-        steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
-    )
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_fraction * total)
+def schedule_plugins(args: argparse.Namespace) -> list[object]:
+    """The LR and clipping plugins for these settings; lengths resolve against the run's real total."""
     plugins: list[object] = []
     # pluggy calls the last registered first: LRWarmup goes last so its check of the warmup
     # length, the root cause when clipping's start is also out of range, is the one reported.
     if not args.no_clip:
-        plugins.append(GradClip(max_norm=args.max_norm, start_step=0 if args.no_warmup else warmup))
+        plugins.append(GradClip(max_norm=args.max_norm, start_step=0 if args.no_warmup else "after_warmup"))
     if not args.no_cosine:
         plugins.append(CosineDecay(min_lr=args.min_lr))
     if not args.no_warmup:
-        plugins.append(LRWarmup(warmup_steps=warmup, initial_lr=args.initial_lr))
-    return plugins, warmup
+        if args.warmup_steps is not None:
+            plugins.append(LRWarmup(warmup_steps=args.warmup_steps, initial_lr=args.initial_lr))
+        else:
+            plugins.append(LRWarmup(warmup_fraction=args.warmup_fraction, initial_lr=args.initial_lr))
+    return plugins
+
+
+def build_plugins(args: argparse.Namespace) -> list[object]:
+    plugins = schedule_plugins(args)
+    if not args.no_eval:
+        plugins.append(LossTracker(eval_freq=args.eval_freq, eval_iter=args.eval_iter, out_dir=args.out))
+    if not args.no_sample:
+        plugins.append(SampleText())
+    if not args.no_progress:
+        plugins.append(ProgressBar())
+    plugins.extend(args.plugin)  # installed plugins, by name; the engine loads and validates them
+    if not args.no_checkpoint:
+        ckpt_dir = args.out / "checkpoints"
+        plugins.append(Checkpoint(ckpt_dir, every_steps=args.save_every, keep_last=args.keep_last, resume=args.resume))
+    return plugins
+
+
+def plot_schedule(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """Draw the learning rate of every step for these settings, without a model (the testing kit's stand-in)."""
+    plugins = [p for p in schedule_plugins(args) if not isinstance(p, GradClip)]
+    run = drive(plugins, epochs=args.epochs, steps_per_epoch=steps_per_epoch, max_steps=args.max_steps, lr=args.peak_lr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not plot_lrs(run.lrs, args.out / "lr.png"):
+        print("error: matplotlib is not installed: pip install 'enginekit[plot]'", file=sys.stderr)
+        return 1
+    print(f"learning-rate schedule of {len(run.lrs)} steps written to {args.out / 'lr.png'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,61 +185,32 @@ def main(argv: list[str] | None = None) -> int:
     train_loader, val_loader = verdict_loaders(batch_size=args.batch_size, context_length=cfg["context_length"])
     steps_per_epoch = -(-len(train_loader) // args.grad_accum)
 
-    if args.plot_lr:
-        plugins, _ = schedule_plugins(args, steps_per_epoch)
-        run = drive(
-            [p for p in plugins if not isinstance(p, GradClip)],
-            epochs=args.epochs,
-            steps_per_epoch=steps_per_epoch,
-            max_steps=args.max_steps,
-            lr=args.peak_lr,
-        )
-        args.out.mkdir(parents=True, exist_ok=True)
-        if not plot_lrs(run.lrs, args.out / "lr.png"):
-            print("matplotlib is not installed: pip install 'enginekit[plot]'", file=sys.stderr)
-            return 1
-        print(f"learning-rate schedule of {len(run.lrs)} steps written to {args.out / 'lr.png'}")
-        return 0
-
-    model = GPTModel(cfg)
-    device = Engine.pick_device(args.device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.peak_lr, weight_decay=args.weight_decay, fused=device.type == "cuda" or None
-    )
-    if device.type == "cuda":
-        train_loader, val_loader = verdict_loaders(
-            batch_size=args.batch_size, context_length=cfg["context_length"], pin_memory=True
-        )
-    plugins, _ = schedule_plugins(args, steps_per_epoch)
-    if not args.no_eval:
-        plugins.append(LossTracker(eval_freq=args.eval_freq, eval_iter=args.eval_iter, out_dir=args.out))
-    if not args.no_sample:
-        plugins.append(SampleText())
-    if not args.no_progress:
-        plugins.append(ProgressBar())
-    plugins.extend(args.plugin)  # installed plugins, by name; the engine loads and validates them
-    if not args.no_checkpoint:
-        plugins.append(
-            Checkpoint(
-                args.out / "checkpoints", every_steps=args.save_every, keep_last=args.keep_last, resume=args.resume
-            )
-        )
-    elif args.resume:
+    if args.resume and args.no_checkpoint:
         print("error: --resume needs checkpoints; drop --no-checkpoint", file=sys.stderr)
         return 2
-
     try:
+        if args.plot_lr:
+            return plot_schedule(args, steps_per_epoch)
+        model = GPTModel(cfg)
+        device = Engine.pick_device(args.device)
+        # fused AdamW: one kernel for all parameters on CUDA; the default elsewhere
+        fused = True if device.type == "cuda" else None
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.peak_lr, weight_decay=args.weight_decay, fused=fused)
+        if device.type == "cuda":
+            train_loader, val_loader = verdict_loaders(
+                batch_size=args.batch_size, context_length=cfg["context_length"], pin_memory=True
+            )
         engine = Engine(
             model,
             optimizer,
             train_loader,
             val_loader,
-            plugins=plugins,
+            plugins=build_plugins(args),
             device=device,
             precision=args.precision,
             grad_accum_steps=args.grad_accum,
         )
-    except (ValueError, ImportError, TypeError) as exc:  # e.g. an unknown or broken --plugin
+    except (ValueError, ImportError, TypeError) as exc:  # a bad setting, an unknown or broken --plugin
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.compile:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
+
+from .lr_warmup import LRWarmup
 
 
 class GradClip:
@@ -13,24 +17,33 @@ class GradClip:
 
     It runs in ``after_backward``, where the engine guarantees complete, unscaled gradients, so
     it is right with gradient accumulation, fp16 and any plugin order. The book clips from the
-    first step after warmup: pass ``start_step=warmup_steps`` to match it.
+    first step after warmup: pass ``start_step=warmup_steps``, or ``start_step="after_warmup"``
+    to take the length from the registered :class:`LRWarmup` (also when it is a fraction).
 
     ``last_norm`` holds the total gradient norm before clipping of the latest clipped step, as a
     device tensor (no host sync); ``None`` before the first clipped step.
     """
 
-    def __init__(self, max_norm: float = 1.0, start_step: int = 0) -> None:
+    def __init__(self, max_norm: float = 1.0, start_step: int | Literal["after_warmup"] = 0) -> None:
         if not max_norm > 0:
             raise ValueError(f"GradClip: max_norm must be > 0, got {max_norm!r}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"GradClip: start_step must be an int >= 0, got {start_step!r}")
+        if start_step != "after_warmup" and (
+            isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0
+        ):
+            raise ValueError(f"GradClip: start_step must be an int >= 0 or 'after_warmup', got {start_step!r}")
         self.max_norm = float(max_norm)
-        self.start_step = start_step
+        self.start_step_setting = start_step
+        self.start_step = 0 if start_step == "after_warmup" else int(start_step)
         self.last_norm: torch.Tensor | None = None
         self._params: list[torch.nn.Parameter] = []
 
     @hookimpl
     def before_fit(self, engine: Engine) -> None:
+        if self.start_step_setting == "after_warmup":
+            warmup = engine.find_plugin(LRWarmup)
+            if warmup is None:
+                raise ValueError("GradClip: start_step='after_warmup' needs an LRWarmup plugin registered")
+            self.start_step = warmup.resolve_steps(engine.state.total_steps)
         if self.start_step >= engine.state.total_steps:
             raise ValueError(
                 f"GradClip: start_step ({self.start_step}) is not before the run's end "

@@ -163,10 +163,10 @@ def test_installed_plugins_are_enabled_by_name(tmp_path):
     assert proc.returncode == 1 and "no installed enginekit plugin named 'nope'" in proc.stderr
     pytest.importorskip("enginekit_ema")
     proc = run_example(
-        "--model", "tiny", "--max-steps", "3", "--plugin", "ema", "--no-progress", "--out", str(tmp_path)
+        "--model", "tiny", "--max-steps", "6", "--plugin", "ema", "--no-progress", "--out", str(tmp_path)
     )
     assert proc.returncode == 0, proc.stderr
     from enginekit.plugins import Checkpoint
 
     payload = Checkpoint(tmp_path / "checkpoints").load_latest()[1]
-    assert payload["plugins"]["ema"]["updates"] == 3
+    assert payload["plugins"]["ema"]["updates"] == 6

@@ -61,3 +61,18 @@ def test_invalid_settings(kwargs, match):
 def test_start_step_after_the_run_is_rejected():
     with pytest.raises(ValueError, match="start_step \\(50\\) is not before the run's end \\(10 steps\\)"):
         drive(GradClip(start_step=50), steps_per_epoch=10)
+
+
+def test_after_warmup_takes_the_start_from_lr_warmup_in_either_order():
+    for plugins in (
+        [GradClip(start_step="after_warmup"), LRWarmup(warmup_fraction=0.2)],
+        [LRWarmup(warmup_fraction=0.2), GradClip(start_step="after_warmup")],
+    ):
+        drive(plugins, epochs=15, steps_per_epoch=9)
+        clip = next(p for p in plugins if isinstance(p, GradClip))
+        assert clip.start_step == 27  # int(0.2 * 135), the book's first post-warmup step
+
+
+def test_after_warmup_without_lr_warmup_is_an_error():
+    with pytest.raises(ValueError, match="start_step='after_warmup' needs an LRWarmup plugin"):
+        drive(GradClip(start_step="after_warmup"))
