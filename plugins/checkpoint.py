@@ -170,7 +170,7 @@ class Checkpoint:
                 "model": _unwrap(engine.model).state_dict(),
                 "optimizer": engine.optimizer.state_dict(),
                 "engine": state,
-                "plugins": {name: p.state_dict() for name, p in self._stateful(engine).items()},
+                "plugins": self._plugin_states(engine),
             }
             digest: list[str] = []
 
@@ -188,6 +188,19 @@ class Checkpoint:
         engine.barrier()
         self.last_saved = state["step"]
         return path
+
+    def _plugin_states(self, engine: Engine) -> dict[str, Any]:
+        states = {}
+        for name, plugin in self._stateful(engine).items():
+            state = plugin.state_dict()
+            bad = _unsafe_value(state, name)
+            if bad is not None:
+                raise CheckpointError(
+                    f"plugin {name!r}: state_dict() holds {bad}; checkpoints load with weights_only=True, "
+                    "so keep plugin state to tensors, numbers, strings, bools, None, lists, tuples and dicts"
+                )
+            states[name] = state
+        return states
 
     def _prune(self) -> None:
         for old in self.checkpoints()[self.keep_last :]:
@@ -288,6 +301,28 @@ class Checkpoint:
         self.last_saved = payload["engine"]["step"]
         self.resumed_from = path
         engine.print(f"Checkpoint: resumed from {path.name} (step {engine.state.step}, epoch {engine.state.epoch + 1})")
+
+
+_PLAIN = (torch.Tensor, bool, int, float, str, type(None))
+
+
+def _unsafe_value(obj: Any, where: str) -> str | None:
+    """Where ``obj`` holds something the weights-only loader would refuse, or None."""
+    if isinstance(obj, _PLAIN):
+        return None
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            found = _unsafe_value(key, f"{where} key") or _unsafe_value(value, f"{where}[{key!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            found = _unsafe_value(value, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    return f"a {type(obj).__module__}.{type(obj).__qualname__} at {where}"
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -337,3 +337,26 @@ def test_sigterm_saves_the_last_finished_step(tmp_path):
 def test_invalid_settings(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=f"Checkpoint: {match}"):
         Checkpoint(tmp_path, **kwargs)
+
+
+def test_plugin_state_that_could_not_be_loaded_safely_is_refused_at_save(tmp_path):
+    from collections import OrderedDict
+    from fractions import Fraction
+
+    class Sloppy:
+        @hookimpl
+        def after_step(self, engine, loss):
+            pass
+
+        def state_dict(self):
+            return OrderedDict(ratio=[1, {"x": Fraction(1, 3)}])
+
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.raises(
+        CheckpointError,
+        match=r"plugin 'sloppy': state_dict\(\) holds a fractions.Fraction at sloppy\[.ratio.\]\[1\]\[.x.\]",
+    ):
+        drive([Sloppy(), Checkpoint(tmp_path, every_steps=1)], steps_per_epoch=2)
+    assert not list(tmp_path.glob("ckpt-*"))

@@ -1,0 +1,120 @@
+"""Shared pieces of the benchmarks: model sizes, real batches, the plain loop they are compared to."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from enginekit import Engine
+from enginekit.data import gpt2_tokenizer, load_verdict
+from enginekit.gpt import GPT_CONFIG_124M, GPTModel
+from enginekit.plugins import CosineDecay, GradClip, LRWarmup, cosine_lr, warmup_lr
+
+BASE = {"vocab_size": 50257, "drop_rate": 0.1, "qkv_bias": False}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": {**BASE, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 2},
+    "small": {**BASE, "context_length": 64, "emb_dim": 128, "n_heads": 4, "n_layers": 2},
+    "124M": dict(GPT_CONFIG_124M),
+}
+PEAK, INITIAL, MIN_LR = 1e-3, 1e-5, 1e-5
+
+
+def machine() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = "avx512_bf16" if "avx512_bf16" in f.read() else "no avx512_bf16"
+    except OSError:
+        pass
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads, {flags}, torch {torch.__version__}"
+
+
+def real_batches(cfg: dict[str, Any], n: int, batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of consecutive windows of the bundled story (wrapping around)."""
+    ids = torch.tensor(gpt2_tokenizer().encode(load_verdict()))
+    ctx = cfg["context_length"]
+    out = []
+    for i in range(n):
+        rows = []
+        for j in range(batch_size):
+            start = ((i * batch_size + j) * ctx) % (len(ids) - ctx - 1)
+            rows.append(ids[start : start + ctx + 1])
+        block = torch.stack(rows)
+        out.append((block[:, :-1].contiguous(), block[:, 1:].contiguous()))
+    return out
+
+
+def fresh_model(cfg: dict[str, Any], seed: int = 123) -> tuple[GPTModel, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = GPTModel(cfg)
+    return model, torch.optim.AdamW(model.parameters(), lr=PEAK, weight_decay=0.1)
+
+
+def schedule(total: int) -> tuple[list[object], int]:
+    warmup = max(1, int(0.2 * total))
+    return [
+        LRWarmup(warmup_steps=warmup, initial_lr=INITIAL),
+        CosineDecay(min_lr=MIN_LR),
+        GradClip(1.0, warmup),
+    ], warmup
+
+
+def run_engine(cfg, batches, precision: str = "fp32", plugins: list[object] | None = None) -> tuple[float, list[float]]:
+    """Seconds for ``len(batches)`` engine steps (construction excluded) and the per-step losses."""
+    model, opt = fresh_model(cfg)
+    total = len(batches)
+    plugin_list, _ = schedule(total) if plugins is None else (plugins, 0)
+    losses: list[torch.Tensor] = []
+
+    class Losses:  # keeps the tensor only: reading it is left to after the timing
+        def after_step(self, engine, loss):
+            losses.append(loss)
+
+    engine = Engine(model, opt, batches, plugins=[*plugin_list, Losses()], device="cpu", precision=precision)
+    start = time.perf_counter()
+    engine.fit(max_steps=total)
+    elapsed = time.perf_counter() - start
+    return elapsed, [float(x) for x in losses]
+
+
+def run_plain(cfg, batches, precision: str = "fp32") -> tuple[float, list[float]]:
+    """The same work as ``run_engine`` with the default plugins, written as a hand loop like the book's.
+
+    It does not check the loss for NaN; the engine does (one host read per step), and pays for it here.
+    """
+    model, opt = fresh_model(cfg)
+    total = len(batches)
+    warmup = max(1, int(0.2 * total))
+    params = list(model.parameters())
+    losses: list[torch.Tensor] = []
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else None
+    model.train()
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(batches):
+        lr = warmup_lr(step, warmup, INITIAL, PEAK) if step < warmup else cosine_lr(step, warmup, total, PEAK, MIN_LR)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        if amp is not None:
+            with amp:
+                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        else:
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        if step >= warmup:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    elapsed = time.perf_counter() - start
+    return elapsed, [float(x) for x in losses]
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    """Median, min and max."""
+    return statistics.median(values), min(values), max(values)

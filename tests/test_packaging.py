@@ -1,0 +1,48 @@
+"""The distribution: a wheel holds enginekit, enginekit.plugins, the data files and py.typed,
+and nothing installs a top-level module called ``plugins``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--quiet", "-w", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (path,) = out.glob("enginekit-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_wheel_contents(wheel):
+    names = set(wheel.namelist())
+    for required in (
+        "enginekit/__init__.py",
+        "enginekit/py.typed",
+        "enginekit/plugins/__init__.py",
+        "enginekit/plugins/lr_warmup.py",
+        "enginekit/plugins/checkpoint.py",
+        "enginekit/_data/the-verdict.txt",
+        "enginekit/_data/ATTRIBUTION.md",
+        "enginekit/_data/gpt2/encoder.json",
+        "enginekit/_data/gpt2/vocab.bpe",
+    ):
+        assert required in names, required
+    assert not any(n.startswith(("plugins/", "tests/", "examples/", "benchmarks/")) for n in names)
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    text = wheel.read(meta).decode()
+    for dep in ("torch>=2.10", "tiktoken", "pluggy", "tqdm"):
+        assert f"Requires-Dist: {dep}" in text
+    entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "enginekit = enginekit.cli:main" in entry_points

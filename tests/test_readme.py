@@ -1,0 +1,38 @@
+"""The README's code is run, so the front door stays true."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def python_block_after(heading: str) -> str:
+    section = README[README.index(heading) :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_plugin_isolation_example_runs_and_passes():
+    namespace: dict = {}
+    exec(python_block_after("### Testing a plugin in isolation"), namespace)
+    namespace["test_warmup_then_cosine_in_either_order"]()
+
+
+def test_plugin_author_example_stops_the_run():
+    namespace: dict = {}
+    exec(python_block_after("## Writing a plugin"), namespace)
+    from enginekit.testing import drive
+
+    run = drive(namespace["StopAtLoss"](threshold=1e9, every=3), steps_per_epoch=10)
+    assert run.engine.state.step == 3
+
+
+def test_documented_exit_codes_match_the_example():
+    from enginekit import TrainingInterrupted
+
+    assert "`130` after SIGINT and `143` after SIGTERM" in README
+    assert TrainingInterrupted(2, 0).code == 130 and TrainingInterrupted(15, 0).code == 143
+    example = (ROOT / "examples" / "pretrain_verdict.py").read_text()
+    assert "return 3" in example and "`3` non-finite loss" in README
