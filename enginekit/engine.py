@@ -359,9 +359,11 @@ class Engine:
         self._set_sampler_epoch(st.epoch)
         self._emit("before_epoch")
         batches = self._epoch_batches()
+        exhausted = False
         while st.step < st.total_steps:
             micro_batches = [b for _, b in zip(range(self.grad_accum_steps), batches)]
             if not micro_batches:
+                exhausted = True
                 break
             st.batches_in_epoch += len(micro_batches)
             self._train_step(micro_batches)
@@ -372,9 +374,11 @@ class Engine:
             if st.should_stop:
                 break
         self._emit("after_epoch")
-        if not st.should_stop:
+        if exhausted or st.batches_in_epoch >= len(self.train_loader):  # type: ignore[arg-type]
             st.epoch += 1
             st.step_in_epoch = st.batches_in_epoch = 0
+        else:  # cut short (max_steps, should_stop): a later fit continues this epoch's data order
+            self._resume = {"epoch_rng": self._epoch_rng, "batches_in_epoch": st.batches_in_epoch, "rng": capture_rng()}
 
     def _train_step(self, micro_batches: list[Any]) -> None:
         st, opt = self.state, self.optimizer

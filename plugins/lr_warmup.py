@@ -24,7 +24,9 @@ def set_lr(engine: Engine, lrs: list[float]) -> None:
 
 
 def optimizer_lrs(engine: Engine) -> list[float]:
-    return [float(group["lr"]) for group in engine.optimizer.param_groups]
+    """Each group's lr as first seen by a schedule, kept as ``initial_lr`` in the group (as torch's
+    schedulers do), so a second ``fit`` or a resumed run plans from the same peak, not the last lr."""
+    return [float(group.setdefault("initial_lr", group["lr"])) for group in engine.optimizer.param_groups]
 
 
 class LRWarmup:
