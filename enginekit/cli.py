@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from . import hookspec
-from .discovery import installed_plugins
+from .discovery import installed_plugins, load_entry_point
 from .engine import HOOK_NAMES, _PluginManager
 
 __all__ = ["main"]
@@ -47,7 +47,10 @@ def _resolve(name: str) -> Any:
         return builtins[name]
     eps = installed_plugins()
     if name in eps:
-        return eps[name].load()
+        try:
+            return load_entry_point(name)
+        except ImportError as exc:
+            raise SystemExit(f"enginekit: {exc}") from exc
     known = ", ".join(sorted({*builtins, *eps}))
     raise SystemExit(f"enginekit: unknown plugin {name!r}; known: {known}")
 

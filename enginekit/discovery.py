@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -14,6 +15,14 @@ def installed_plugins() -> dict[str, EntryPoint]:
     """Entry points of the ``enginekit`` group by name (the first wins if two packages clash)."""
     found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found and found[ep.name].value != ep.value:
+            warnings.warn(
+                f"two installed packages provide the enginekit plugin {ep.name!r}: "
+                f"{_distribution_name(found[ep.name])} ({found[ep.name].value}) is used, "
+                f"{_distribution_name(ep)} ({ep.value}) is ignored; uninstall one",
+                stacklevel=2,
+            )
+            continue
         found.setdefault(ep.name, ep)
     return found
 
@@ -23,8 +32,8 @@ def _distribution_name(ep: EntryPoint) -> str:
     return f"{dist.name} {dist.version}" if dist is not None else "<unknown distribution>"
 
 
-def load_plugin(name: str) -> Any:
-    """Load the installed plugin ``name``: a class is instantiated with no arguments, a module used as is."""
+def load_entry_point(name: str) -> Any:
+    """The object an installed plugin's entry point names (a class or a module), not built."""
     available = installed_plugins()
     ep = available.get(name)
     if ep is None:
@@ -40,12 +49,19 @@ def load_plugin(name: str) -> Any:
             f"enginekit plugin {name!r} (entry point {ep.value!r} of distribution {_distribution_name(ep)}) "
             f"failed to import: {type(exc).__name__}: {exc}; reinstall or fix that package"
         ) from exc
+    return obj
+
+
+def load_plugin(name: str) -> Any:
+    """Load the installed plugin ``name``: a class is instantiated with no arguments, a module used as is."""
+    obj = load_entry_point(name)
     if isinstance(obj, type):
         try:
             return obj()
         except TypeError as exc:
             raise TypeError(
-                f"enginekit plugin {name!r} ({ep.value}) cannot be built without arguments: {exc}; "
+                f"enginekit plugin {name!r} ({obj.__module__}.{obj.__qualname__}) cannot be built "
+                f"without arguments: {exc}; "
                 "build it yourself and pass the instance in plugins=[...]"
             ) from exc
     return obj

@@ -131,10 +131,18 @@ class _PluginManager(pluggy.PluginManager):
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if str(device) != "auto":
-        return torch.device(device)
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"device {device!r} is not a device torch knows: {exc}; try 'auto', 'cpu', 'cuda'"
+            ) from exc
+        # under torchrun a bare "cuda" means this process's GPU, not GPU 0 for every rank
+        return torch.device("cuda", local_rank) if resolved.type == "cuda" and resolved.index is None else resolved
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_rank)
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -338,6 +346,12 @@ class Engine:
         st.total_steps = (
             epochs * st.steps_per_epoch if max_steps is None else min(max_steps, epochs * st.steps_per_epoch)
         )
+        if st.step >= st.total_steps:
+            self._teardown_distributed()
+            raise ValueError(
+                f"nothing to train: this engine has done {st.step} steps and the plan is {st.total_steps}; "
+                "pass a larger epochs or max_steps to continue"
+            )
         st.should_stop = False
         try:
             with self._signals_stop_after_step():
@@ -448,6 +462,8 @@ class Engine:
                 "check the data, or pass nonfinite='skip'"
             )
         st.skipped_steps += 1
+        if self.scaler is not None:
+            self.scaler.update()  # closes this step's unscale_ (and lowers the scale if grads overflowed)
         self.print(f"enginekit: non-finite loss {where}: skipped ({st.skipped_steps}/{self.max_skips})")
         if st.skipped_steps >= self.max_skips:
             raise NonFiniteLossError(
@@ -569,10 +585,21 @@ class Engine:
             "batches_in_epoch": batches,
             "tokens_seen": st.tokens_seen,
             "epoch_rng": epoch_rng,
-            "rng": capture_rng(),
+            "rng": self._rank_rngs(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "world_size": st.world_size,
         }
+
+    def _rank_rngs(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states, by rank (each rank has its own GPU generator under torchrun)."""
+        mine = capture_rng()
+        if self._ddp is None:
+            return [mine]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.state.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; the next fit continues exactly where it stood."""
@@ -587,10 +614,11 @@ class Engine:
         st.tokens_seen = state["tokens_seen"]
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"][st.rank]
         if state["batches_in_epoch"] == 0:
-            restore_rng(state["rng"])
+            restore_rng(rng)
         else:
-            self._resume = {k: state[k] for k in ("epoch_rng", "batches_in_epoch", "rng")}
+            self._resume = {"epoch_rng": state["epoch_rng"], "batches_in_epoch": state["batches_in_epoch"], "rng": rng}
 
     # ------------------------------------------------------------------ torchrun
 
@@ -604,15 +632,25 @@ class Engine:
         from torch.utils.data.distributed import DistributedSampler
 
         if not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self._owns_process_group = True
         self.state.rank, self.state.world_size = dist.get_rank(), dist.get_world_size()
         loader = self.train_loader
-        if isinstance(loader, DataLoader) and not isinstance(loader.sampler, DistributedSampler):
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "under torchrun the engine shards a torch DataLoader with a DistributedSampler; "
+                f"got {type(loader).__name__}: pass a DataLoader (or shard the data yourself and run without torchrun)"
+            )
+        if not isinstance(loader.sampler, DistributedSampler):
+            # one shuffle seed for all ranks, or their shards would overlap
+            seed = torch.tensor([torch.initial_seed() % 2**31], device=self.device)
+            dist.broadcast(seed, src=0)
             sampler = DistributedSampler(
                 loader.dataset,
                 shuffle=isinstance(loader.sampler, RandomSampler),
-                seed=torch.initial_seed() % 2**31,
+                seed=int(seed.item()),
                 drop_last=loader.drop_last,
             )
             self.train_loader = DataLoader(  # same settings, this rank's shard
@@ -665,3 +703,13 @@ class Engine:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every rank; every rank must call it (a barrier too)."""
+        if self._ddp is None:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())

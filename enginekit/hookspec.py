@@ -44,8 +44,10 @@ def before_fit(engine: Engine) -> None:
     """Once, at the start of :meth:`Engine.fit`, before the first epoch.
 
     Guaranteed: ``engine.state.total_steps``, ``steps_per_epoch`` and ``epochs`` are final;
-    the optimizer's learning rates are still the ones it was built with (so a schedule can
-    take its peak from them). Validate settings against the run here and raise ``ValueError``.
+    no step of this fit has run. The built-in schedules take their peak from each parameter
+    group's ``initial_lr`` (set from ``lr`` the first time, as torch's schedulers do), so a
+    second fit plans from the same peak. Validate settings against the run here and raise
+    ``ValueError``.
 
     Resuming happens here too: :class:`~enginekit.plugins.Checkpoint` restores model,
     optimizer, counters and every plugin's state in a ``trylast`` implementation, so it

@@ -86,7 +86,8 @@ def make_engine(
         engine_kwargs["loss_fn"] = _fixed_losses(losses, lambda: engine.state.step)
     else:
         engine_kwargs.setdefault("loss_fn", lambda out, targets: ((out - targets.float()) ** 2).mean() * 1e-2)
-    plugin_list = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    named_single = isinstance(plugins, tuple) and len(plugins) == 2 and isinstance(plugins[0], str)
+    plugin_list = list(plugins) if isinstance(plugins, (list, tuple)) and not named_single else [plugins]
     engine = Engine(
         model, optimizer, loader(steps_per_epoch * accum), loader(val_batches), plugins=plugin_list, **engine_kwargs
     )

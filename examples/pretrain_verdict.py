@@ -105,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     c.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (124M: about 2 GB each)")
     c.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in OUT/checkpoints")
+    c.add_argument("--overwrite", action="store_true", help="delete checkpoints of an earlier run in OUT/checkpoints")
     o = p.add_argument_group("switch plugins off")
     for name, what in [
         ("warmup", "LRWarmup"),
@@ -161,7 +162,15 @@ def build_plugins(args: argparse.Namespace) -> list[object]:
     plugins.extend(args.plugin)  # installed plugins, by name; the engine loads and validates them
     if not args.no_checkpoint:
         ckpt_dir = args.out / "checkpoints"
-        plugins.append(Checkpoint(ckpt_dir, every_steps=args.save_every, keep_last=args.keep_last, resume=args.resume))
+        plugins.append(
+            Checkpoint(
+                ckpt_dir,
+                every_steps=args.save_every,
+                keep_last=args.keep_last,
+                resume=args.resume,
+                overwrite=args.overwrite,
+            )
+        )
     return plugins
 
 
@@ -181,14 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = CONFIGS[args.model]
     main_process = int(os.environ.get("RANK", "0")) == 0
-    torch.manual_seed(args.seed)
-    train_loader, val_loader = verdict_loaders(batch_size=args.batch_size, context_length=cfg["context_length"])
-    steps_per_epoch = -(-len(train_loader) // args.grad_accum)
-
     if args.resume and args.no_checkpoint:
         print("error: --resume needs checkpoints; drop --no-checkpoint", file=sys.stderr)
         return 2
+    torch.manual_seed(args.seed)
     try:
+        train_loader, val_loader = verdict_loaders(batch_size=args.batch_size, context_length=cfg["context_length"])
+        steps_per_epoch = -(-len(train_loader) // args.grad_accum)
         if args.plot_lr:
             return plot_schedule(args, steps_per_epoch)
         model = GPTModel(cfg)
@@ -201,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size, context_length=cfg["context_length"], pin_memory=True
             )
         engine = Engine(
-            model,
+            torch.compile(model) if args.compile else model,
             optimizer,
             train_loader,
             val_loader,
@@ -213,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, TypeError) as exc:  # a bad setting, an unknown or broken --plugin
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.compile:
-        engine.model = torch.compile(engine.model)
     n_params = sum(p.numel() for p in model.parameters())
     engine.print(f"GPT {args.model}: {n_params:,} parameters on {engine.device}, {args.precision}")
     start = time.perf_counter()

@@ -89,6 +89,8 @@ class Checkpoint:
             fresh if there is none; fail if there are some and none verifies).
         strict_plugins: a checkpoint that holds state for a plugin that is not registered, or
             lacks state for one that is, is an error; ``False`` accepts it with a warning line.
+        overwrite: with ``resume=False``, a folder that already holds checkpoints is an error
+            (they belong to another run); ``True`` deletes them first.
 
     Saves happen in ``trylast`` hooks, so the saved state includes the other plugins' work for
     that step (evaluations draw random numbers too), and on SIGINT/SIGTERM after the last
@@ -107,6 +109,7 @@ class Checkpoint:
         resume: bool = False,
         *,
         strict_plugins: bool = True,
+        overwrite: bool = False,
     ) -> None:
         if every_steps is not None and (
             isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1
@@ -120,6 +123,7 @@ class Checkpoint:
         self.keep_last = keep_last
         self.resume = resume
         self.strict_plugins = strict_plugins
+        self.overwrite = overwrite
         self.last_saved: int | None = None
         self.resumed_from: Path | None = None
 
@@ -127,11 +131,24 @@ class Checkpoint:
 
     @hookimpl(trylast=True)
     def before_fit(self, engine: Engine) -> None:
+        problem = None
         if engine.state.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             for leftover in self.dir.glob(".ckpt-*.tmp"):
                 leftover.unlink()  # an interrupted write; the checkpoint it would have replaced is intact
-        engine.barrier()
+            existing = self.checkpoints()
+            if existing and not self.resume:
+                if self.overwrite:
+                    for old in existing:
+                        _remove(old)
+                else:
+                    problem = (
+                        f"{self.dir} already holds {len(existing)} checkpoint(s) of another run "
+                        f"(newest {existing[0].name}); resume it (resume=True, --resume), start over "
+                        "(overwrite=True, --overwrite) or use another folder"
+                    )
+        if not engine.all_true(problem is None):
+            raise CheckpointError(problem or f"{self.dir}: rank 0 found checkpoints of another run")
         if self.resume:
             self._resume(engine)
 
@@ -163,31 +180,42 @@ class Checkpoint:
         if self.last_saved == state["step"]:
             return None
         path = self.dir / f"ckpt-{state['step']:08d}.pt"
+        error: BaseException | None = None
         if engine.state.is_main:
-            payload = {
-                "format": FORMAT,
-                "version": VERSION,
-                "model": _unwrap(engine.model).state_dict(),
-                "optimizer": engine.optimizer.state_dict(),
-                "engine": state,
-                "plugins": self._plugin_states(engine),
-            }
-            digest: list[str] = []
-
-            def write(f: BinaryIO) -> None:
-                writer = _HashingWriter(f)
-                torch.save(payload, writer)  # type: ignore[arg-type]
-                digest.append(writer.sha.hexdigest())
-
-            # The checkpoint is written before its hash: a crash between them leaves a file
-            # that fails verification and is skipped, never a hash that vouches for a stale file.
-            _write_atomic(path, write)
-            sha_line = f"{digest[0]}  {path.name}\n".encode()
-            _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(sha_line))
-            self._prune()
-        engine.barrier()
+            try:
+                self._write(engine, path, state)
+            except BaseException as exc:  # the other ranks must not wait forever for rank 0
+                error = exc
+        ok = engine.all_true(error is None)
+        if error is not None:
+            raise error
+        if not ok:
+            raise CheckpointError(f"rank 0 failed to write {path.name}")
         self.last_saved = state["step"]
         return path
+
+    def _write(self, engine: Engine, path: Path, state: dict[str, Any]) -> None:
+        payload = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": _unwrap(engine.model).state_dict(),
+            "optimizer": engine.optimizer.state_dict(),
+            "engine": state,
+            "plugins": self._plugin_states(engine),
+        }
+        digest: list[str] = []
+
+        def write(f: BinaryIO) -> None:
+            writer = _HashingWriter(f)
+            torch.save(payload, writer)  # type: ignore[arg-type]
+            digest.append(writer.sha.hexdigest())
+
+        # The checkpoint is written before its hash: a crash between them leaves a file
+        # that fails verification and is skipped, never a hash that vouches for a stale file.
+        _write_atomic(path, write)
+        sha_line = f"{digest[0]}  {path.name}\n".encode()
+        _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(sha_line))
+        self._prune(path)
 
     def _plugin_states(self, engine: Engine) -> dict[str, Any]:
         states = {}
@@ -202,10 +230,11 @@ class Checkpoint:
             states[name] = state
         return states
 
-    def _prune(self) -> None:
-        for old in self.checkpoints()[self.keep_last :]:
-            old.unlink()
-            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    def _prune(self, newest: Path) -> None:
+        """Keep the ``keep_last`` newest checkpoints up to the one just written, never that one."""
+        kept = [p for p in self.checkpoints() if p.name <= newest.name]
+        for old in kept[self.keep_last :]:
+            _remove(old)
 
     def _stateful(self, engine: Engine) -> dict[str, Any]:
         return {
@@ -254,11 +283,11 @@ class Checkpoint:
     def load_latest(self, engine: Engine | None = None) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that verifies and loads, reporting each skipped one in one line."""
         candidates = self.checkpoints()
-        device = engine.device if engine is not None else "cpu"
         problems = []
         for path in candidates:
             try:
-                return path, self.load(path, map_location=device)
+                # RNG states must stay CPU tensors; load_state_dict moves model and optimizer tensors
+                return path, self.load(path, map_location="cpu")
             except CheckpointError as exc:
                 problems.append(str(exc))
                 message = f"Checkpoint: skipping {exc}; trying the previous one"
@@ -275,6 +304,12 @@ class Checkpoint:
             engine.print(f"Checkpoint: no checkpoint in {self.dir}, starting from scratch")
             return
         path, payload = found
+        if engine.state.is_main:
+            # Newer files failed verification: set them aside so pruning never keeps them over good ones.
+            for bad in self.checkpoints():
+                if bad.name > path.name:
+                    bad.rename(bad.with_name(bad.name + ".corrupt"))
+                    bad.with_name(bad.name + ".sha256").unlink(missing_ok=True)
         stateful = self._stateful(engine)
         saved = payload["plugins"]
         unknown = sorted(set(saved) - set(stateful))
@@ -301,6 +336,11 @@ class Checkpoint:
         self.last_saved = payload["engine"]["step"]
         self.resumed_from = path
         engine.print(f"Checkpoint: resumed from {path.name} (step {engine.state.step}, epoch {engine.state.epoch + 1})")
+
+
+def _remove(checkpoint: Path) -> None:
+    checkpoint.unlink()
+    checkpoint.with_name(checkpoint.name + ".sha256").unlink(missing_ok=True)
 
 
 _PLAIN = (torch.Tensor, bool, int, float, str, type(None))

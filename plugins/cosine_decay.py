@@ -80,6 +80,12 @@ class CosineDecay:
         return {"peak_lrs": list(self.peak_lrs), "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = (int(state["warmup_steps"]), int(state["total_steps"]))
+        if self.total_steps and saved != (self.warmup_steps, self.total_steps):
+            raise ValueError(
+                f"CosineDecay: the checkpoint's run decays over steps {saved[0]}-{saved[1]}, this run over "
+                f"{self.warmup_steps}-{self.total_steps}; resume with the same epochs/max_steps and warmup"
+            )
         self.peak_lrs = list(state["peak_lrs"])
         self.warmup_steps = int(state["warmup_steps"])
         self.total_steps = int(state["total_steps"])

@@ -112,6 +112,11 @@ class LRWarmup:
         return {"peak_lrs": list(self.peak_lrs), "warmup_steps": self.resolved_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # The saved plan wins, so a resumed run keeps its schedule even if the optimizer was rebuilt.
+        if self.resolved_steps and int(state["warmup_steps"]) != self.resolved_steps:
+            raise ValueError(
+                f"LRWarmup: the checkpoint's run warms up for {state['warmup_steps']} steps, this run for "
+                f"{self.resolved_steps}; resume with the same warmup and run length"
+            )
+        # The saved peak wins, so a resumed run keeps its schedule even if the optimizer was rebuilt.
         self.peak_lrs = list(state["peak_lrs"])
         self.resolved_steps = int(state["warmup_steps"])

@@ -31,7 +31,8 @@ class ProgressBar:
     @hookimpl
     def before_fit(self, engine: Engine) -> None:
         kwargs = {"desc": "train", "unit": "step", "dynamic_ncols": True, **self.tqdm_kwargs}
-        self.bar = tqdm(total=engine.state.total_steps, disable=not engine.state.is_main, **kwargs)
+        kwargs["disable"] = kwargs.get("disable", False) or not engine.state.is_main
+        self.bar = tqdm(total=engine.state.total_steps, **kwargs)
         self._last_time = time.perf_counter()
         self._last_tokens = -1  # set at the first step, which may be a resumed one
 

@@ -360,3 +360,31 @@ def test_plugin_state_that_could_not_be_loaded_safely_is_refused_at_save(tmp_pat
     ):
         drive([Sloppy(), Checkpoint(tmp_path, every_steps=1)], steps_per_epoch=2)
     assert not list(tmp_path.glob("ckpt-*"))
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(two_checkpoints):
+    with pytest.raises(CheckpointError, match="already holds 2 checkpoint\\(s\\) of another run.*overwrite=True"):
+        drive(Checkpoint(two_checkpoints), steps_per_epoch=2)
+    drive(Checkpoint(two_checkpoints, overwrite=True), steps_per_epoch=2)
+    assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == ["ckpt-00000002.pt"]
+
+
+def test_after_falling_back_newer_bad_files_are_set_aside_and_never_kept_over_good_ones(two_checkpoints):
+    newest = two_checkpoints / "ckpt-00000006.pt"
+    newest.write_bytes(b"torn")
+    engine = make_engine(
+        [LossTracker(eval_freq=2), Checkpoint(two_checkpoints, every_steps=1, keep_last=1, resume=True)],
+        steps_per_epoch=6,
+    )
+    engine.fit(max_steps=5)
+    assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == ["ckpt-00000005.pt"]
+    assert (two_checkpoints / "ckpt-00000006.pt.corrupt").exists()
+
+
+def test_resuming_with_another_run_length_is_an_error_naming_both(tmp_path):
+    from enginekit.plugins import CosineDecay
+
+    drive([CosineDecay(min_lr=0.0), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=4, max_steps=4)
+    engine = make_engine([CosineDecay(min_lr=0.0), Checkpoint(tmp_path, resume=True)], steps_per_epoch=4)
+    with pytest.raises(ValueError, match="decays over steps 0-4, this run over 0-8"):
+        engine.fit(epochs=2)

@@ -401,3 +401,16 @@ def test_a_second_fit_continues_a_cut_epoch_in_the_same_data_order(tiny_cfg):
     parts, w_parts, st2 = run([5, 14])
     assert parts == whole and torch.equal(w_parts, w_whole)
     assert (st.step, st.epoch) == (st2.step, st2.epoch) == (14, 1)
+
+
+def test_a_finished_engine_says_there_is_nothing_to_train():
+    engine = make_engine(steps_per_epoch=2)
+    engine.fit()
+    with pytest.raises(ValueError, match="nothing to train: this engine has done 2 steps and the plan is 2"):
+        engine.fit()
+
+
+def test_unknown_device_is_a_clear_error(tiny_cfg):
+    model = GPTModel(tiny_cfg)
+    with pytest.raises(ValueError, match="device 'gpu0' is not a device torch knows"):
+        Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), gpt_loader(tiny_cfg, 4, 2), device="gpu0")

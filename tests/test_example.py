@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -170,3 +171,13 @@ def test_installed_plugins_are_enabled_by_name(tmp_path):
 
     payload = Checkpoint(tmp_path / "checkpoints").load_latest()[1]
     assert payload["plugins"]["ema"]["updates"] == 6
+
+
+def test_rerunning_into_an_earlier_runs_folder_needs_resume_or_overwrite(tiny_run, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(tiny_run[1], out)
+    args = ["--model", "tiny", "--max-steps", "6", "--no-progress", "--out", str(out)]
+    proc = run_example(*args)
+    assert proc.returncode == 1 and "already holds 2 checkpoint(s) of another run" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert run_example(*args, "--overwrite").returncode == 0

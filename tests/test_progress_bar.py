@@ -49,3 +49,9 @@ def test_printed_lines_stay_whole_above_the_bar(capsys):
 def test_invalid_setting():
     with pytest.raises(ValueError, match="ProgressBar: refresh_every"):
         ProgressBar(refresh_every=0)
+
+
+def test_tqdm_keywords_pass_through_including_disable():
+    bar = ProgressBar(disable=True, desc="pretrain")
+    drive(bar, steps_per_epoch=3)
+    assert bar.bar is None  # ran and closed without a duplicate-keyword error

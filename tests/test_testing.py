@@ -63,6 +63,11 @@ def test_recorder_attaches_to_any_engine_and_detaches():
     assert rec.hooks[0] == "before_fit" and rec.hooks[-1] == "after_fit"
     n = len(rec.calls)
     rec.detach()
-    engine.fit()  # a second fit continues from step 2; nothing recorded now
+    engine.fit(epochs=2)  # a second fit continues from step 2; nothing recorded now
     assert len(rec.calls) == n
     assert all(not math.isnan(c.lr) for c in rec.calls)
+
+
+def test_a_single_named_plugin_can_be_driven():
+    run = drive(("halver", Halving()), steps_per_epoch=2, lr=1.0)
+    assert list(run.engine.plugins) == ["halver"] and run.lrs == [1.0, 0.5]
