@@ -1,16 +1,17 @@
 """Engine overhead: the engine with LRWarmup, CosineDecay and GradClip against the same work as a
 hand-written loop, same model, same batches, runs interleaved; plus hook-dispatch cost.
 
-    python benchmarks/engine_overhead.py            # small and 124M models (~6 min on 2 cores)
-    python benchmarks/engine_overhead.py --quick    # tiny and small models (~1 min)
+    python benchmarks/engine_overhead.py            # small and 124M models (~8 min on 2 cores)
+    python benchmarks/engine_overhead.py --quick    # small and tiny models (~2 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
-from _common import CONFIGS, machine, real_batches, run_engine, run_plain, summary
+from _common import CONFIGS, machine, real_batches, run_engine, run_plain
 
 from enginekit import hookimpl
 from enginekit.testing import make_engine
@@ -50,27 +51,33 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny and small models only")
     p.add_argument("--rounds", type=int, default=None, help="interleaved engine/plain rounds per model")
     args = p.parse_args()
-    plan = [("tiny", 200, 7), ("small", 60, 7)] if args.quick else [("small", 60, 7), ("124M", 6, 5)]
+    plan = [("small", 100, 20), ("tiny", 50, 20)] if args.quick else [("small", 100, 20), ("124M", 7, 6)]
     print(f"machine: {machine()}")
+    print("rounds alternate engine and plain loop; per round, each loop's median step time (start to start)")
     header = f"{'model':<6} {'steps':>5} {'rounds':>6} {'engine s/step':>14} {'plain s/step':>13}"
-    print(f"{header} {'ratio (min-max)':>22} {'tokens/s':>9}")
+    print(f"{header} {'ratio: median [IQR]':>26} {'pooled':>7} {'tokens/s':>9}")
     for name, steps, rounds in plan:
         cfg = CONFIGS[name]
         rounds = args.rounds or rounds
         batches = real_batches(cfg, steps)
         run_engine(cfg, batches[:3])  # warm up allocator and kernels once
         run_plain(cfg, batches[:3])
-        engine_t, plain_t, ratios = [], [], []
+        pooled: dict = {run_engine: [], run_plain: []}
+        ratios = []
         for r in range(rounds):
             order = (run_engine, run_plain) if r % 2 == 0 else (run_plain, run_engine)
-            times = {fn: fn(cfg, batches)[0] / steps for fn in order}
-            engine_t.append(times[run_engine])
-            plain_t.append(times[run_plain])
-            ratios.append(times[run_engine] / times[run_plain])
-        (e, _, _), (pl, _, _), (ratio, lo, hi) = summary(engine_t), summary(plain_t), summary(ratios)
+            medians = {}
+            for fn in order:
+                step_times = fn(cfg, batches)[0][1:]  # step 0 is cold
+                pooled[fn].extend(step_times)
+                medians[fn] = statistics.median(step_times)
+            ratios.append(medians[run_engine] / medians[run_plain])
+        e, pl = statistics.median(pooled[run_engine]), statistics.median(pooled[run_plain])
+        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         tokens = 2 * cfg["context_length"] / e
         print(
-            f"{name:<6} {steps:>5} {rounds:>6} {e:>14.5f} {pl:>13.5f} {ratio:>8.4f} ({lo:.4f}-{hi:.4f}) {tokens:>9.0f}"
+            f"{name:<6} {steps:>5} {rounds:>6} {e:>14.5f} {pl:>13.5f} "
+            f"{q2:>10.4f} [{q1:.4f}-{q3:.4f}] {e / pl:>7.4f} {tokens:>9.0f}"
         )
     print()
     base = dispatch_cost(0)

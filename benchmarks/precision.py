@@ -8,6 +8,7 @@ closely the bf16 loss curve follows fp32's over the first steps from the same we
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from _common import CONFIGS, machine, real_batches, run_engine, summary
@@ -29,10 +30,10 @@ def main() -> None:
     curves: dict[str, list[float]] = {}
     for r in range(rounds):
         for precision in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
-            seconds, losses = run_engine(cfg, batches, precision)
-            times[precision].append(seconds / args.steps)
+            step_times, losses = run_engine(cfg, batches, precision)
+            times[precision].append(statistics.median(step_times[1:]))
             curves[precision] = losses
-    print(f"{name} model, {args.steps} steps, batch 2 x {cfg['context_length']} tokens, {rounds} round(s)")
+    print(f"{name} model, {args.steps} steps, batch 2 x {cfg['context_length']} tokens, {rounds} round(s); median step")
     print(f"{'precision':<9} {'s/step (median, min-max)':>28} {'tokens/s':>9} {'speed-up':>9}")
     fp32 = summary(times["fp32"])[0]
     for precision in ("fp32", "bf16"):
