@@ -8,7 +8,10 @@ hand-written loop, same model, same batches, runs interleaved; plus hook-dispatc
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 from _common import CONFIGS, machine, real_batches, run_engine, run_plain
@@ -46,29 +49,54 @@ def dispatch_cost(n_plugins: int, calls: int = 20000) -> float:
     return best
 
 
+def child(mode: str, name: str, steps: int) -> None:
+    """One block in this fresh process: prints its step times as JSON."""
+    cfg = CONFIGS[name]
+    batches = real_batches(cfg, steps)
+    print(json.dumps((run_engine if mode == "engine" else run_plain)(cfg, batches)[0]))
+
+
+def block_in_fresh_process(mode: str, name: str, steps: int) -> list[float]:
+    cmd = [sys.executable, __file__, "--child", mode, name, str(steps)]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split("\n")[-2])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny and small models only")
     p.add_argument("--rounds", type=int, default=None, help="interleaved engine/plain rounds per model")
+    p.add_argument("--models", nargs="+", choices=sorted(CONFIGS), help="run only these models")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], int(args.child[2]))
+        return
     plan = [("small", 100, 20), ("tiny", 50, 20)] if args.quick else [("small", 100, 20), ("124M", 7, 6)]
+    plan = [row for row in plan if not args.models or row[0] in args.models]
     print(f"machine: {machine()}")
     print("rounds alternate engine and plain loop; per round, each loop's median step time (start to start)")
+    print("124M blocks run in fresh processes: in one long process the heap left by the previous block")
+    print("skewed the 124M comparison by about 10% in either direction")
     header = f"{'model':<6} {'steps':>5} {'rounds':>6} {'engine s/step':>14} {'plain s/step':>13}"
     print(f"{header} {'ratio: median [IQR]':>26} {'pooled':>7} {'tokens/s':>9}")
     for name, steps, rounds in plan:
         cfg = CONFIGS[name]
         rounds = args.rounds or rounds
+        fresh = name == "124M"
         batches = real_batches(cfg, steps)
-        run_engine(cfg, batches[:3])  # warm up allocator and kernels once
-        run_plain(cfg, batches[:3])
+        if not fresh:
+            run_engine(cfg, batches[:3])  # warm up allocator and kernels once
+            run_plain(cfg, batches[:3])
         pooled: dict = {run_engine: [], run_plain: []}
         ratios = []
         for r in range(rounds):
             order = (run_engine, run_plain) if r % 2 == 0 else (run_plain, run_engine)
             medians = {}
             for fn in order:
-                step_times = fn(cfg, batches)[0][1:]  # step 0 is cold
+                if fresh:
+                    step_times = block_in_fresh_process("engine" if fn is run_engine else "plain", name, steps)[1:]
+                else:
+                    step_times = fn(cfg, batches)[0][1:]  # step 0 is cold
                 pooled[fn].extend(step_times)
                 medians[fn] = statistics.median(step_times)
             ratios.append(medians[run_engine] / medians[run_plain])
