@@ -76,7 +76,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print("rounds alternate engine and plain loop; per round, each loop's median step time (start to start)")
     print("124M blocks run in fresh processes: in one long process the heap left by the previous block")
-    print("skewed the 124M comparison by about 10% in either direction")
+    print("skewed the 124M comparison by about 10%")
     header = f"{'model':<6} {'steps':>5} {'rounds':>6} {'engine s/step':>14} {'plain s/step':>13}"
     print(f"{header} {'ratio: median [IQR]':>26} {'pooled':>7} {'tokens/s':>9}")
     for name, steps, rounds in plan:

@@ -5,7 +5,7 @@ AdamW(lr=1e-3, weight_decay=0.1), batch 2, 15 epochs (135 steps), 20% linear war
 cosine decay to 1e-5, gradient clipping at 1.0 after warmup, evaluation every 5 steps on one
 batch, a greedy sample after each epoch, a checkpoint after each epoch.
 
-    python examples/pretrain_verdict.py                      # the book's run (CPU: ~15 min)
+    python examples/pretrain_verdict.py                      # the book's run (2-core CPU: ~11 min)
     python examples/pretrain_verdict.py --model tiny --epochs 2 --out runs/tiny
     python examples/pretrain_verdict.py --resume             # continue after an interruption
     torchrun --standalone --nproc_per_node=2 examples/pretrain_verdict.py --model tiny
