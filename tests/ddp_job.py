@@ -13,29 +13,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from enginekit import Engine, hookimpl  # noqa: E402
+from resume_job import KillAt  # noqa: E402
+
+from enginekit import Engine  # noqa: E402
 from enginekit.data import create_dataloader, load_verdict  # noqa: E402
 from enginekit.gpt import GPTModel  # noqa: E402
 from enginekit.plugins import Checkpoint, CosineDecay, GradClip, LossTracker, LRWarmup  # noqa: E402
 
 from conftest import TINY_CFG  # noqa: E402
-
-
-class KillAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    @hookimpl
-    def before_step(self, engine, batch):
-        if engine.state.step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main() -> None:

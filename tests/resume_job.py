@@ -34,6 +34,8 @@ EPOCHS, WARMUP = 3, 5
 
 
 class KillAt:
+    """SIGKILLs its own process at the start of step ``step``: a crash with no chance to clean up."""
+
     def __init__(self, step: int) -> None:
         self.step = step
 

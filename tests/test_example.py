@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -15,15 +16,16 @@ from book_reference import RefGPT
 from conftest import ROOT
 
 SCRIPT = ROOT / "examples" / "pretrain_verdict.py"
-TINY = {
-    "vocab_size": 50257,
-    "context_length": 64,
-    "emb_dim": 64,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.1,
-    "qkv_bias": False,
-}
+
+
+def _example_module():
+    spec = importlib.util.spec_from_file_location("pretrain_verdict", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = _example_module().TINY_CONFIG
 
 
 def run_example(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
