@@ -47,3 +47,24 @@ def test_wheel_contents(wheel):
         assert f"Requires-Dist: {dep}" in text
     entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "enginekit = enginekit.cli:main" in entry_points
+
+
+def test_the_wheel_installs_and_imports_outside_the_source_tree(wheel, tmp_path):
+    target = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target), wheel.filename],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    code = (
+        "import enginekit, enginekit.plugins as p; from enginekit.data import gpt2_tokenizer, load_verdict; "
+        "print(enginekit.__file__); print(p.LRWarmup.__module__); print(len(gpt2_tokenizer().encode(load_verdict())))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(target)}
+    )
+    assert out.returncode == 0, out.stderr
+    file, module, n_tokens = out.stdout.split()
+    assert file.startswith(str(target)) and module == "enginekit.plugins.lr_warmup" and n_tokens == "5145"
