@@ -21,7 +21,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per precision (default 3, quick 5)")
     args = p.parse_args()
     name = "small" if args.quick else "124M"
-    rounds = args.rounds or (5 if args.quick else 1)
+    rounds = args.rounds or (5 if args.quick else 3)
     cfg = CONFIGS[name]
     batches = real_batches(cfg, args.steps)
     print(f"machine: {machine()}")

@@ -53,8 +53,8 @@ def before_fit(engine: Engine) -> None:
     optimizer, counters and every plugin's state in a ``trylast`` implementation, so it
     overwrites what the other plugins set up from the fresh optimizer.
 
-    Used by: LRWarmup, CosineDecay (resolve and validate), LossTracker (open metrics file),
-    ProgressBar (open the bar), Checkpoint (resume).
+    Used by: LRWarmup, CosineDecay, GradClip (resolve and validate against the run),
+    LossTracker (output folder), ProgressBar (open the bar), Checkpoint (resume).
     """
 
 
@@ -65,6 +65,9 @@ def before_epoch(engine: Engine) -> None:
     Guaranteed: ``engine.state.epoch`` is the 0-based index of the epoch about to run; a
     ``DistributedSampler``'s ``set_epoch`` has been called. When a run resumes mid-epoch this
     fires again for that epoch, with ``engine.state.step_in_epoch > 0``.
+
+    Used by: no built-in plugin (the engine itself calls ``set_epoch``); per-epoch setup of
+    your own, such as curriculum or data-mixing schedules, belongs here.
     """
 
 

@@ -256,7 +256,10 @@ class Checkpoint:
             recorded = sha_path.read_text().split()[0]
         except (OSError, IndexError):
             return "its .sha256 file is unreadable"
-        actual = sha256_file(path)
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            return f"unreadable: {type(exc).__name__}: {exc.strerror or exc}"
         if actual != recorded:
             return f"sha256 mismatch (recorded {recorded[:12]}..., file has {actual[:12]}...): truncated or corrupted"
         return None

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from resume_job import KillAt  # noqa: E402
 
-from enginekit import Engine  # noqa: E402
+from enginekit import Engine, hookimpl  # noqa: E402
 from enginekit.data import create_dataloader, load_verdict  # noqa: E402
 from enginekit.gpt import GPTModel  # noqa: E402
 from enginekit.plugins import Checkpoint, CosineDecay, GradClip, LossTracker, LRWarmup  # noqa: E402
@@ -39,6 +39,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--per-rank-dirs", action="store_true")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-steps", type=int)
     args = p.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     out = args.out / f"rank{rank}" if args.per_rank_dirs else args.out
@@ -64,8 +66,17 @@ def main() -> None:
     ]
     if args.kill_at is not None:
         plugins.append(KillAt(args.kill_at))
-    engine = Engine(model, optimizer, train, val, plugins=plugins, device="cpu")
-    engine.fit(epochs=args.epochs)
+    seen: list[list] = []
+
+    class Seen:  # which sequences this rank trained on, per epoch
+        @hookimpl
+        def before_step(self, engine, batch):
+            micro = batch if engine.grad_accum_steps > 1 else [batch]
+            seen.append([engine.state.epoch, [row[:4].tolist() for mb in micro for row in mb[0]]])
+
+    plugins.append(Seen())
+    engine = Engine(model, optimizer, train, val, plugins=plugins, device="cpu", grad_accum_steps=args.grad_accum)
+    engine.fit(epochs=args.epochs, max_steps=args.max_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -75,6 +86,7 @@ def main() -> None:
             "world_size": engine.state.world_size,
             "train_losses": tracker.train_losses,
             "lrs": tracker.lrs,
+            "seen": seen,
         },
         args.out / f"result-rank{rank}.pt",
     )

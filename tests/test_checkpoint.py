@@ -388,3 +388,21 @@ def test_resuming_with_another_run_length_is_an_error_naming_both(tmp_path):
     engine = make_engine([CosineDecay(min_lr=0.0), Checkpoint(tmp_path, resume=True)], steps_per_epoch=4)
     with pytest.raises(ValueError, match="decays over steps 0-4, this run over 0-8"):
         engine.fit(epochs=2)
+
+
+def test_unreadable_checkpoint_is_reported_and_the_previous_one_used(two_checkpoints, capsys):
+    newest = two_checkpoints / "ckpt-00000006.pt"
+    newest.unlink()
+    newest.mkdir()  # something that exists but cannot be read as a file
+    resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000006.pt: unreadable: IsADirectoryError" in out
+    assert "resumed from ckpt-00000003.pt" in out
+
+
+def test_skip_policy_leaves_the_optimizer_state_unchanged():
+    engine = make_engine([], steps_per_epoch=6, nonfinite="skip", losses=nan_once_at(2))
+    engine.optimizer = torch.optim.Adam(engine.model.parameters(), lr=0.01)
+    engine.fit()
+    adam_steps = [float(s["step"]) for s in engine.optimizer.state.values()]
+    assert engine.state.step == 5 and adam_steps == [5.0]  # 6 batches, one skipped: 5 updates, not 6

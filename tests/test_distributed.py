@@ -65,6 +65,29 @@ def test_tokens_are_counted_over_ranks(two_ranks):
     assert r0["tokens_seen"] == r0["steps"] * 2 * 2 * 16
 
 
+def test_each_epoch_shards_one_shuffle_across_ranks_and_reshuffles(two_ranks):
+    out, _ = two_ranks
+    r0, r1 = results(out)
+    for epoch in (0, 1):
+        mine = [tuple(s) for e, rows in r0["seen"] if e == epoch for s in rows]
+        theirs = [tuple(s) for e, rows in r1["seen"] if e == epoch for s in rows]
+        assert mine and not set(mine) & set(theirs)  # disjoint shards of one permutation
+    epoch0 = [rows for e, rows in r0["seen"] if e == 0]
+    epoch1 = [rows for e, rows in r0["seen"] if e == 1]
+    assert epoch0 != epoch1  # set_epoch changed the shuffle
+
+
+def test_accumulation_under_ddp_equals_one_big_batch(tmp_path):
+    # one epoch, 10 steps: the per-rank shards end unevenly, so later steps would not line up
+    same = ["--no-dropout", "--no-shuffle", "--epochs", "1", "--max-steps", "10"]
+    torchrun(tmp_path / "ddp", "--batch-size", "1", "--grad-accum", "2", *same)
+    single(tmp_path / "one", "--batch-size", "4", *same)
+    (ddp, _), (one,) = results(tmp_path / "ddp"), results(tmp_path / "one")
+    assert ddp["steps"] == one["steps"] and ddp["lrs"] == one["lrs"]
+    for key, value in one["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
+
+
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
     torchrun(tmp_path / "ddp", "--batch-size", "1", "--no-dropout", "--no-shuffle")
     single(tmp_path / "one", "--batch-size", "2", "--no-dropout", "--no-shuffle")

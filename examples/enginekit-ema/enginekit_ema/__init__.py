@@ -41,6 +41,7 @@ class EMA:
         self._params = [p for p in engine.model.parameters() if p.requires_grad]
         if not self.shadow:  # a resumed run already holds its restored average
             self.shadow = [p.detach().clone() for p in self._params]
+        self._follow_params()
 
     @hookimpl
     def after_step(self, engine: Engine, loss: Any) -> None:
@@ -77,3 +78,9 @@ class EMA:
             raise ValueError(f"EMA: checkpoint was made with decay {state['decay']}, this run uses {self.decay}")
         self.updates = int(state["updates"])
         self.shadow = [t.clone() for t in state["shadow"]]
+        self._follow_params()
+
+    def _follow_params(self) -> None:
+        """Keep the average on the weights' devices (checkpoints load onto the CPU)."""
+        if self._params and len(self._params) == len(self.shadow):
+            self.shadow = [t.to(p.device, p.dtype) for t, p in zip(self.shadow, self._params)]

@@ -58,3 +58,14 @@ def test_state_round_trips_and_checks_decay():
 def test_invalid_decay():
     with pytest.raises(ValueError, match="EMA: decay must be in"):
         EMA(decay=1.0)
+
+
+def test_state_survives_a_checkpoint_round_trip(tmp_path):
+    from enginekit.plugins import Checkpoint
+    from enginekit.testing import make_engine
+
+    first = EMA(decay=0.7)
+    drive([first, Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=4, lr=0.3)
+    second = EMA(decay=0.7)
+    make_engine([second, Checkpoint(tmp_path, resume=True)], steps_per_epoch=4, lr=0.3).fit()
+    assert second.updates == 4 and torch.equal(second.shadow[0], first.shadow[0])
