@@ -36,3 +36,17 @@ def test_documented_exit_codes_match_the_example():
     assert TrainingInterrupted(2, 0).code == 130 and TrainingInterrupted(15, 0).code == 143
     example = (ROOT / "examples" / "pretrain_verdict.py").read_text()
     assert "return 3" in example and "`3` non-finite loss" in README
+
+
+def test_concepts_example_runs_with_a_smaller_model(capsys):
+    code = python_block_after("## Concepts")
+    assert "GPTModel(GPT_CONFIG_124M)" in code and "engine.fit(epochs=15)" in code
+    code = code.replace(
+        "GPTModel(GPT_CONFIG_124M)", "GPTModel({**GPT_CONFIG_124M, 'emb_dim': 32, 'n_heads': 2, 'n_layers': 1})"
+    )
+    code = code.replace("engine.fit(epochs=15)", "engine.fit(epochs=2)")
+    namespace: dict = {}
+    exec(code, namespace)
+    engine = namespace["engine"]
+    assert engine.state.step == 18 and engine.state.total_steps == 18
+    assert "Ep 1 (Iter 000000)" in capsys.readouterr().out
