@@ -6,19 +6,15 @@ Public API (everything else is an implementation detail)::
     from enginekit.plugins import LRWarmup, CosineDecay, GradClip, LossTracker, ...
 """
 
-from .engine import (
-    Engine,
-    NonFiniteLossError,
-    PluginError,
-    PluginValueError,
-    TrainingInterrupted,
-    lm_loss,
-)
+from .engine import Engine, NonFiniteLossError, TrainingInterrupted, lm_loss
 from .hookspec import hookimpl
+from .metrics import Metrics
+from .registry import PluginError, PluginValueError
 from .state import TrainState
 
 __all__ = [
     "Engine",
+    "Metrics",
     "NonFiniteLossError",
     "PluginError",
     "PluginValueError",

@@ -13,25 +13,18 @@ import sys
 from typing import Any
 
 from . import hookspec
-from .discovery import installed_plugins, load_entry_point
-from .engine import HOOK_NAMES, _PluginManager
+from .discovery import installed_plugins, is_builtin, load_entry_point
+from .registry import HOOK_NAMES, new_manager
 
 __all__ = ["main"]
 
 
 def builtin_plugins() -> dict[str, type]:
-    """Built-in plugin classes by their default registration name."""
-    from . import plugins
-    from .engine import default_plugin_name
-
-    classes = [getattr(plugins, n) for n in plugins.__all__ if inspect.isclass(getattr(plugins, n))]
-    return {default_plugin_name(cls): cls for cls in classes if _hooks_of(cls)}
+    """Built-in plugin classes by name, loaded through their entry points like any other plugin."""
+    return {name: ep.load() for name, ep in sorted(installed_plugins().items()) if is_builtin(ep)}
 
 
-def _manager() -> _PluginManager:
-    pm = _PluginManager(hookspec.PROJECT)
-    pm.add_hookspecs(hookspec)
-    return pm
+_manager = new_manager
 
 
 def _hooks_of(plugin: Any) -> list[str]:
@@ -45,7 +38,7 @@ def _resolve(name: str) -> Any:
     builtins = builtin_plugins()
     if name in builtins:
         return builtins[name]
-    eps = installed_plugins()
+    eps = installed_plugins(third_party_only=True)
     if name in eps:
         try:
             return load_entry_point(name)
@@ -60,7 +53,7 @@ def cmd_plugins(_: argparse.Namespace) -> int:
         (name, f"built-in ({cls.__module__}.{cls.__qualname__})", _hooks_of(cls))
         for name, cls in builtin_plugins().items()
     ]
-    for name, ep in sorted(installed_plugins().items()):
+    for name, ep in sorted(installed_plugins(third_party_only=True).items()):
         dist = getattr(ep, "dist", None)
         origin = f"{dist.name} {dist.version}" if dist is not None else "?"
         try:
@@ -85,9 +78,12 @@ def cmd_hooks(args: argparse.Namespace) -> int:
         doc = inspect.getdoc(getattr(hookspec, hook)) or ""
         line = f"  {hook:<15} {doc.splitlines()[0] if doc else ''}"
         if args.plugins:
-            # pluggy calls tryfirst implementations first, trylast ones last, otherwise the last registered first
+            # pluggy enters wrappers first (their code after ``yield`` runs after everyone else),
+            # then tryfirst implementations, the rest last-registered first, trylast ones last
             order = [
-                impl.plugin_name + ("(tryfirst)" if impl.tryfirst else "(trylast)" if impl.trylast else "")
+                impl.plugin_name
+                + ("(wrapper)" if impl.wrapper or impl.hookwrapper else "")
+                + ("(tryfirst)" if impl.tryfirst else "(trylast)" if impl.trylast else "")
                 for impl in reversed(getattr(pm.hook, hook).get_hookimpls())
             ]
             line += f"\n  {'':<15} called: {' -> '.join(order) if order else '-'}"

@@ -1,4 +1,8 @@
-"""Installed plugins: the ``enginekit`` entry-point group, loaded by name, never switched on silently."""
+"""Installed plugins: the ``enginekit`` entry-point group, loaded by name, never switched on silently.
+
+The built-in plugins are entry points of the ``enginekit`` distribution itself, found exactly
+like third-party ones: the core never imports a plugin module.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,25 @@ import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-__all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "load_plugin"]
+__all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "is_builtin", "load_plugin"]
 
 ENTRY_POINT_GROUP = "enginekit"
+BUILTIN_DISTRIBUTION = "enginekit"
 
 
-def installed_plugins() -> dict[str, EntryPoint]:
-    """Entry points of the ``enginekit`` group by name (the first wins if two packages clash)."""
+def is_builtin(ep: EntryPoint) -> bool:
+    """Whether the entry point is one of enginekit's own plugins."""
+    dist = getattr(ep, "dist", None)
+    return dist is not None and dist.name == BUILTIN_DISTRIBUTION
+
+
+def installed_plugins(third_party_only: bool = False) -> dict[str, EntryPoint]:
+    """Entry points of the ``enginekit`` group by name (the first wins if two packages clash),
+    built-in plugins included unless ``third_party_only``."""
     found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if third_party_only and is_builtin(ep):
+            continue
         if ep.name in found and found[ep.name].value != ep.value:
             warnings.warn(
                 f"two installed packages provide the enginekit plugin {ep.name!r}: "

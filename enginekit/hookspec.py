@@ -10,17 +10,23 @@ One ``fit`` call emits, in this order::
         after_backward(engine)              gradients complete and unscaled
           [optimizer.step(); optimizer.zero_grad(set_to_none=True)]
         after_step(engine, loss)            the step is done
+          after_evaluate(engine, metrics)   whenever a plugin evaluates (inside the step's hooks)
+        on_save_point(engine, "step")       the step's work is all done: persist it
+        [after SIGINT/SIGTERM: on_save_point(engine, "signal"), then on_exception]
       after_epoch(engine)
+      on_save_point(engine, "epoch")        the epoch's work is all done
     after_fit(engine)
     on_exception(engine, error)             instead of the rest, when fit is cut short
 
-Every hook receives the :class:`~enginekit.Engine` as ``engine``; read counters from
-``engine.state`` (a :class:`~enginekit.TrainState`), the model from ``engine.model`` and the
-optimizer from ``engine.optimizer``. Hooks return nothing; the engine ignores return values.
+Every hook receives the :class:`~enginekit.Engine` as ``engine``; read counters and plan facts
+from ``engine.state`` (a :class:`~enginekit.TrainState`), numbers of the run from
+``engine.metrics`` (the metrics channel), the model from ``engine.model`` and the optimizer from
+``engine.optimizer``. Hooks return nothing; the engine ignores return values.
 
-Guarantees belong to the hooks, not to the order plugins are registered in: a plugin never
-needs ``tryfirst``/``trylast`` to be correct with the built-in plugins, except where a
-docstring below says so.
+Plugins talk through the engine only: facts of a plan on ``engine.state`` (published in
+``before_fit``, read later), numbers on ``engine.metrics``, events as hooks. Guarantees belong to
+the hooks, never to the order plugins are registered in: no plugin needs ``tryfirst``,
+``trylast`` or a wrapper to be correct; those are for cosmetics (which line prints first).
 """
 
 from __future__ import annotations
@@ -44,17 +50,19 @@ def before_fit(engine: Engine) -> None:
     """Once, at the start of :meth:`Engine.fit`, before the first epoch.
 
     Guaranteed: ``engine.state.total_steps``, ``steps_per_epoch`` and ``epochs`` are final;
-    no step of this fit has run. The built-in schedules take their peak from each parameter
-    group's ``initial_lr`` (set from ``lr`` the first time, as torch's schedulers do), so a
-    second fit plans from the same peak. Validate settings against the run here and raise
+    no step of this fit has run. The plan facts (``warmup_steps``, ``peak_lrs``, ``lr_decay``)
+    are reset to their defaults (``peak_lrs`` from each group's ``initial_lr``, set from ``lr``
+    the first time, as torch's schedulers do): the plugin that owns a fact publishes it here;
+    readers read it from ``before_epoch`` on. Validate settings against the run here and raise
     ``ValueError``.
 
     Resuming happens here too: :class:`~enginekit.plugins.Checkpoint` restores model,
-    optimizer, counters and every plugin's state in a ``trylast`` implementation, so it
-    overwrites what the other plugins set up from the fresh optimizer.
+    optimizer, counters and every plugin's state after every other implementation (the code
+    after ``yield`` in a ``wrapper=True`` implementation), so restored state wins over what the
+    other plugins set up from the fresh optimizer.
 
-    Used by: LRWarmup, CosineDecay, GradClip (resolve and validate against the run),
-    LossTracker (output folder), ProgressBar (open the bar), Checkpoint (resume).
+    Used by: LRWarmup (publishes ``warmup_steps``), CosineDecay (publishes ``lr_decay``),
+    GradClip, LossTracker (output folder), ProgressBar (open the bar), Checkpoint (resume).
     """
 
 
@@ -82,6 +90,9 @@ def before_step(engine: Engine, batch: Any) -> None:
     ``global_step``), the same value every hook of this step sees; gradients are ``None``.
     Fires once per optimizer step, never per micro-batch.
 
+    The engine publishes ``lr`` (group 0's learning rate) on ``engine.metrics`` right after
+    this hook, so it is the rate this step uses.
+
     Used by: LRWarmup, CosineDecay.
     """
 
@@ -92,10 +103,10 @@ def after_backward(engine: Engine) -> None:
 
     Guaranteed: the gradients are complete for the whole step (all micro-batches accumulated)
     and unscaled (the engine called ``GradScaler.unscale_`` first), the loss is finite (the
-    engine's non-finite policy has run), so clipping here is correct whatever the plugin
-    order. Modifying gradients here changes the update.
+    engine's non-finite policy has run, and ``step_loss`` is on ``engine.metrics``), so clipping
+    here is correct whatever the plugin order. Modifying gradients here changes the update.
 
-    Used by: GradClip.
+    Used by: GradClip (publishes ``grad_norm``).
     """
 
 
@@ -109,10 +120,48 @@ def after_step(engine: Engine, loss: Any) -> None:
 
     Guaranteed: ``engine.state.step`` is still this step's index; ``tokens_seen`` includes
     this step; the learning rate in ``engine.optimizer.param_groups`` is the one this step
-    used. Set ``engine.state.should_stop = True`` to end the run after this step.
+    used. Set ``engine.state.should_stop = True`` to end the run after this step. No checkpoint
+    of this step has been taken yet: that happens in ``on_save_point``, after every
+    implementation of this hook (wrappers included) has returned.
 
-    Used by: LossTracker (evaluate, record), ProgressBar (update), Checkpoint (save, in a
-    ``trylast`` implementation so the saved state includes every other plugin's work).
+    Used by: LossTracker (evaluate, record), ProgressBar (update).
+    """
+
+
+@hookspec
+def after_evaluate(engine: Engine, metrics: dict[str, float]) -> None:
+    """After each evaluation, emitted by whoever evaluated through :meth:`Engine.publish_evaluation`.
+
+    ``metrics`` is the evaluation's results as floats (the built-in LossTracker:
+    ``{"train_loss": ..., "val_loss": ...}``, ``val_loss`` NaN without a validation loader);
+    the same values are already on ``engine.metrics``, tagged with this step.
+
+    Guaranteed: fires inside the step whose evaluation it reports (``engine.state.step`` is
+    that step's index when evaluating from ``after_step``), before any checkpoint of that step
+    is taken, so a reaction (``should_stop``, state of your own) is saved with the step and
+    is correct in every registration order. Publish derived numbers (accuracy, a best-so-far)
+    on ``engine.metrics`` here and they join the step's metrics row.
+
+    Used by: EarlyStopping.
+    """
+
+
+@hookspec
+def on_save_point(engine: Engine, reason: str) -> None:
+    """The state is complete and consistent for a moment a run can resume from: persist it.
+
+    ``reason`` is ``"step"`` (after every implementation of ``after_step`` of each finished
+    step, wrappers included), ``"epoch"`` (after every implementation of ``after_epoch``, the
+    counters already at the next epoch), or ``"signal"`` (after SIGINT/SIGTERM, once the last
+    step's work is done, just before :class:`~enginekit.TrainingInterrupted` is raised).
+
+    Guaranteed: ``engine.state.step`` counts finished steps; every other plugin's work for the
+    moment is done, whatever ``tryfirst``/``trylast`` they use. Implementations must not change
+    training state (model, optimizer, RNG, counters, any plugin's ``state_dict``): they only
+    write it out, so several persisters are correct in any order. An exception here ends fit
+    with a :class:`~enginekit.PluginError`: a failed save is never silent.
+
+    Used by: Checkpoint (save).
     """
 
 
@@ -121,9 +170,10 @@ def after_epoch(engine: Engine) -> None:
     """After the last step of each epoch (also when ``should_stop`` cut the epoch short).
 
     Guaranteed: ``engine.state.epoch`` is the epoch that just ended; ``engine.state.step``
-    counts the completed steps.
+    counts the completed steps. The epoch's checkpoint is taken after this hook (in
+    ``on_save_point(engine, "epoch")``), so it includes what plugins do here.
 
-    Used by: SampleText (generate), Checkpoint (save at epoch end, ``trylast``).
+    Used by: SampleText (generate).
     """
 
 
@@ -142,9 +192,9 @@ def on_exception(engine: Engine, error: BaseException) -> None:
     """When ``fit`` is cut short, just before the error propagates.
 
     ``error`` is a :class:`~enginekit.TrainingInterrupted` after SIGINT/SIGTERM (the current
-    step finished and the state is consistent: a good moment to save), a
+    step finished and ``on_save_point(engine, "signal")`` already ran), a
     :class:`~enginekit.NonFiniteLossError`, a :class:`~enginekit.PluginError`, or any other
     exception. An exception raised here is reported as a warning and does not hide ``error``.
 
-    Used by: Checkpoint (saves on TrainingInterrupted only), ProgressBar (close).
+    Used by: ProgressBar (close).
     """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,21 @@ class TrainState:
         skipped_steps: consecutive steps skipped for a non-finite loss (``nonfinite="skip"``).
         rank: this process's rank under torchrun (0 otherwise).
         world_size: number of processes under torchrun (1 otherwise).
+
+    Facts of the plan. The engine resets them at the start of every ``fit``; the plugin that
+    owns a fact publishes it in ``before_fit``; other plugins read it in later hooks (never in
+    ``before_fit``, where the owner may not have run yet). This is how plugins learn of each
+    other's plans without importing or finding each other:
+
+        warmup_steps: steps of learning-rate warmup, published by the warmup schedule
+            (:class:`~enginekit.plugins.LRWarmup` or your own); 0 when nothing warms up.
+            Decays start after it, ``GradClip(start_step="after_warmup")`` clips from it.
+        peak_lrs: the peak learning rate of each parameter group: each group's
+            ``initial_lr`` (its lr at the first fit) unless a schedule given an explicit
+            ``peak_lr`` publishes another.
+        lr_decay: registration name of the plugin that sets the learning rate after warmup
+            (published by a decay schedule such as :class:`~enginekit.plugins.CosineDecay`);
+            ``None`` when nothing decays, and then a warmup holds the peak.
     """
 
     step: int = 0
@@ -51,6 +66,9 @@ class TrainState:
     skipped_steps: int = 0
     rank: int = 0
     world_size: int = 1
+    warmup_steps: int = 0
+    peak_lrs: list[float] = field(default_factory=list)
+    lr_decay: str | None = None
 
     @property
     def is_main(self) -> bool:

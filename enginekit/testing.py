@@ -5,9 +5,11 @@ Three pieces:
 * :func:`make_engine` builds a real :class:`~enginekit.Engine` around a stand-in: a model of one
   scalar weight per optimizer parameter group, a synthetic loader of ``steps_per_epoch``
   batches and an SGD optimizer with real ``param_groups``. No GPT, no tokenizer, no data files;
-  the loop, the hooks and their guarantees are the real ones, not an imitation.
+  the loop, the hooks and their guarantees are the real ones, not an imitation. Training
+  losses (``losses=``) and evaluation results (``evaluations=``) can be fixed independently.
 * :func:`drive` runs plugins through ``epochs x steps_per_epoch`` steps on that stand-in and
-  returns a :class:`Run`: every hook call in order, and per step the learning rate and hooks.
+  returns a :class:`Run`: every hook call in order with what it published on the metrics
+  channel, and per step the learning rate and hooks.
 * :class:`HookRecorder` attaches to any engine (a real GPT run too) and records the same.
 
 A plugin author's test is a few lines::
@@ -22,7 +24,7 @@ A plugin author's test is a few lines::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .engine import Engine
+from .hookspec import hookimpl
 
 __all__ = ["HookCall", "HookRecorder", "Run", "StepRecord", "drive", "make_engine"]
 
@@ -57,14 +60,24 @@ def make_engine(
     batch_size: int = 2,
     seq_len: int = 4,
     losses: Sequence[float] | Callable[[int], float] | None = None,
+    evaluations: Mapping[int, Mapping[str, float]] | Callable[[int], Mapping[str, float] | None] | None = None,
     val_batches: int = 2,
     **engine_kwargs: Any,
 ) -> Engine:
     """A real Engine over the stand-in model, synthetic data and an SGD optimizer.
 
     ``lr`` is one learning rate for every group or one per group. ``losses`` fixes the training
-    loss per step (a list indexed by step, or a function of the step), e.g. to inject a NaN;
-    by default the loss is a mean-squared error with real, non-zero gradients.
+    loss per step (a list indexed by step, or a function of the step), e.g. to inject a NaN; it
+    does not touch evaluations (``engine.evaluate`` keeps the stand-in's own loss). By default
+    the loss is a mean-squared error with real, non-zero gradients.
+
+    ``evaluations`` injects evaluation results, independently of the training loss: a mapping
+    from step to results (``{4: {"val_loss": 2.0}}``) or a function of the step returning
+    results or ``None``. At each such step an evaluator registered by the kit (as ``"evaluator"``)
+    reports them through :meth:`Engine.publish_evaluation` from ``after_step``, exactly as
+    LossTracker does: the values land on ``engine.metrics`` and ``after_evaluate`` fires.
+
+    ``val_batches=0`` gives no validation loader (``engine.val_loader is None``).
     ``grad_accum_steps`` and other ``Engine`` keywords pass through; each optimizer step
     consumes ``grad_accum_steps`` synthetic micro-batches.
     """
@@ -83,37 +96,72 @@ def make_engine(
 
     engine_kwargs.setdefault("device", "cpu")
     if losses is not None:
-        engine_kwargs["loss_fn"] = _fixed_losses(losses, lambda: engine.state.step)
+        engine_kwargs["loss_fn"] = _fixed_losses(losses, lambda: engine)
     else:
-        engine_kwargs.setdefault("loss_fn", lambda out, targets: ((out - targets.float()) ** 2).mean() * 1e-2)
+        engine_kwargs.setdefault("loss_fn", _stand_in_loss)
     named_single = isinstance(plugins, tuple) and len(plugins) == 2 and isinstance(plugins[0], str)
     plugin_list = list(plugins) if isinstance(plugins, (list, tuple)) and not named_single else [plugins]
-    engine = Engine(
-        model, optimizer, loader(steps_per_epoch * accum), loader(val_batches), plugins=plugin_list, **engine_kwargs
-    )
+    if evaluations is not None:
+        plugin_list.append(("evaluator", _InjectedEvaluations(evaluations)))
+    train_loader = loader(steps_per_epoch * accum)
+    val_loader = loader(val_batches) if val_batches > 0 else None
+    engine = Engine(model, optimizer, train_loader, val_loader, plugins=plugin_list, **engine_kwargs)
     return engine
 
 
+def _stand_in_loss(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return ((out - targets.float()) ** 2).mean() * 1e-2
+
+
 def _fixed_losses(
-    losses: Sequence[float] | Callable[[int], float], step: Callable[[], int]
+    losses: Sequence[float] | Callable[[int], float], engine: Callable[[], Engine]
 ) -> Callable[..., torch.Tensor]:
     def loss_fn(out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        value = losses(step()) if callable(losses) else losses[step()]
+        if not engine().model.training:  # an evaluation: the fixed losses are the training loss only
+            return _stand_in_loss(out, targets)
+        step = engine().state.step
+        value = losses(step) if callable(losses) else losses[step]
         # Multiplying by zero keeps the graph (backward works) while the value is the chosen one.
         return out.sum() * 0.0 + value
 
     return loss_fn
 
 
+class _InjectedEvaluations:
+    """Reports fixed evaluation results at chosen steps, as an evaluating plugin would."""
+
+    def __init__(
+        self, evaluations: Mapping[int, Mapping[str, float]] | Callable[[int], Mapping[str, float] | None]
+    ) -> None:
+        self.evaluations = evaluations
+
+    @hookimpl
+    def after_step(self, engine: Engine, loss: Any) -> None:
+        step = engine.state.step
+        found = self.evaluations(step) if callable(self.evaluations) else self.evaluations.get(step)
+        if found is not None:
+            engine.publish_evaluation(dict(found))
+
+
 @dataclass
 class HookCall:
-    """One emission of a hook: its name, the counters when it fired, and who implemented it."""
+    """One emission of a hook: its name, the counters when it fired, who implemented it, and
+    what was published on the metrics channel during it."""
 
+    #: The hook's name.
     hook: str
+    #: ``engine.state.step`` when it fired.
     step: int
+    #: ``engine.state.epoch`` when it fired.
     epoch: int
+    #: Registration names of the implementations, in call order.
     plugins: list[str]
+    #: Parameter group 0's learning rate right after the implementations ran.
     lr: float = math.nan
+    #: The hook's arguments other than ``engine`` (``batch``, ``loss``, ``metrics``, ``reason``...).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Metrics published during this call (name -> value as a float), including nested hooks.
+    published: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,16 +186,26 @@ class HookRecorder:
         self.engine = engine
         self.calls: list[HookCall] = []
         self._step_lrs: dict[int, list[float]] = {}
+        self._open: list[tuple[HookCall, dict[str, Any]]] = []
         self._undo = engine.pm.add_hookcall_monitoring(self._before, self._after)
 
     def _before(self, hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
         st = self.engine.state
-        # pluggy calls implementations last-registered first.
-        self.calls.append(HookCall(hook_name, st.step, st.epoch, [i.plugin_name for i in reversed(hook_impls)]))
+        args = {k: v for k, v in kwargs.items() if k != "engine"}
+        # pluggy calls implementations last-registered first (wrappers, then tryfirst, first).
+        call = HookCall(hook_name, st.step, st.epoch, [i.plugin_name for i in reversed(hook_impls)], kwargs=args)
+        self.calls.append(call)
+        self._open.append((call, self._metric_entries()))
+
+    def _metric_entries(self) -> dict[str, Any]:
+        metrics = self.engine.metrics
+        return {name: metrics.serial(name) for name in metrics}
 
     def _after(self, outcome: Any, hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
         groups = self.engine.optimizer.param_groups
-        call = next(c for c in reversed(self.calls) if c.hook == hook_name)
+        call, before = self._open.pop()
+        now = self._metric_entries()
+        call.published = {n: self.engine.metrics[n] for n, v in now.items() if before.get(n) != v}
         call.lr = float(groups[0]["lr"])
         if hook_name == "before_step":
             self._step_lrs[self.engine.state.step] = [float(g["lr"]) for g in groups]
@@ -182,8 +240,15 @@ class HookRecorder:
 class Run:
     """What :func:`drive` saw: the engine afterwards and its :class:`HookRecorder`."""
 
+    #: The stand-in engine after ``fit``: ``run.engine.state``, ``run.engine.metrics``, ``run.engine.plugins``.
     engine: Engine
+    #: The recorder that watched every hook; ``calls``, ``hooks``, ``steps``, ``lrs`` below read it.
     recorder: HookRecorder
+
+    @property
+    def evaluations(self) -> list[tuple[int, dict[str, float]]]:
+        """``(step, metrics)`` of every ``after_evaluate`` emitted, in order."""
+        return [(c.step, dict(c.kwargs["metrics"])) for c in self.recorder.calls if c.hook == "after_evaluate"]
 
     @property
     def calls(self) -> list[HookCall]:

@@ -2,6 +2,7 @@
 
 from .checkpoint import Checkpoint, CheckpointError
 from .cosine_decay import CosineDecay, cosine_lr
+from .early_stopping import EarlyStopping
 from .grad_clip import GradClip
 from .loss_tracker import LossTracker, plot_lrs
 from .lr_warmup import LRWarmup, warmup_lr
@@ -12,6 +13,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CosineDecay",
+    "EarlyStopping",
     "GradClip",
     "LRWarmup",
     "LossTracker",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from enginekit.engine import Engine, TrainingInterrupted
+from enginekit.engine import Engine
+from enginekit.files import atomic_write
 from enginekit.hookspec import hookimpl
 
 FORMAT = "enginekit-checkpoint"
@@ -46,31 +47,6 @@ def sha256_file(path: Path) -> str:
     return sha.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Temporary file in the same folder, fsync, rename over ``path``, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if Checkpoint._before_replace is not None:
-            Checkpoint._before_replace(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
 class Checkpoint:
     """Save everything a bit-exact resume needs; resume from the newest checkpoint that verifies.
 
@@ -92,13 +68,15 @@ class Checkpoint:
         overwrite: with ``resume=False``, a folder that already holds checkpoints is an error
             (they belong to another run); ``True`` deletes them first.
 
-    Saves happen in ``trylast`` hooks, so the saved state includes the other plugins' work for
-    that step (evaluations draw random numbers too), and on SIGINT/SIGTERM after the last
-    finished step. Nothing is saved after a non-finite loss or any other error.
+    Saves happen in ``on_save_point``, which the engine emits after every implementation of
+    ``after_step`` / ``after_epoch`` has returned, so a checkpoint holds every other plugin's
+    work for that step or epoch (evaluations draw random numbers too) whatever ``tryfirst`` or
+    ``trylast`` they use; and on SIGINT/SIGTERM, once the last step's work is done. A step save
+    is skipped when the epoch's save follows at once (the epoch's last step, with
+    ``every_epoch``): that one describes the moment after ``after_epoch``. Nothing is saved
+    after a non-finite loss or any other error. Resuming happens at the end of ``before_fit``,
+    after every other plugin's ``before_fit`` (the code after ``yield`` of a wrapper).
     """
-
-    #: Test hook: called with the temporary path just before it replaces the checkpoint.
-    _before_replace: Callable[[Path], None] | None = None
 
     def __init__(
         self,
@@ -129,8 +107,9 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ hooks
 
-    @hookimpl(trylast=True)
-    def before_fit(self, engine: Engine) -> None:
+    @hookimpl(wrapper=True)
+    def before_fit(self, engine: Engine) -> Generator[None, Any, Any]:
+        result = yield  # every other plugin sets up first; restored state then wins over it
         problem = None
         if engine.state.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -151,20 +130,21 @@ class Checkpoint:
             raise CheckpointError(problem or f"{self.dir}: rank 0 found checkpoints of another run")
         if self.resume:
             self._resume(engine)
-
-    @hookimpl(trylast=True)
-    def after_step(self, engine: Engine, loss: Any) -> None:
-        if self.every_steps is not None and (engine.state.step + 1) % self.every_steps == 0:
-            self.save(engine)
-
-    @hookimpl(trylast=True)
-    def after_epoch(self, engine: Engine) -> None:
-        if self.every_epoch:
-            self.save(engine)
+        return result
 
     @hookimpl
-    def on_exception(self, engine: Engine, error: BaseException) -> None:
-        if isinstance(error, TrainingInterrupted):
+    def on_save_point(self, engine: Engine, reason: str) -> None:
+        st = engine.state
+        if reason == "epoch":
+            due = self.every_epoch
+        elif reason == "signal":
+            due = self.last_saved != st.step  # nothing changed since a save of this step
+        else:
+            epoch_save_follows = self.every_epoch and (
+                st.should_stop or st.step_in_epoch >= st.steps_per_epoch or st.step >= st.total_steps
+            )
+            due = self.every_steps is not None and st.step % self.every_steps == 0 and not epoch_save_follows
+        if due:
             self.save(engine)
 
     # ------------------------------------------------------------------ saving
@@ -174,11 +154,9 @@ class Checkpoint:
         found = [p for p in self.dir.glob("ckpt-*.pt") if _NAME.match(p.name)]
         return sorted(found, key=lambda p: p.name, reverse=True)
 
-    def save(self, engine: Engine) -> Path | None:
-        """Write a checkpoint of the state between steps; every rank must call it."""
+    def save(self, engine: Engine) -> Path:
+        """Write a checkpoint of the state now (a save point); every rank must call it."""
         state = engine.state_dict()
-        if self.last_saved == state["step"]:
-            return None
         path = self.dir / f"ckpt-{state['step']:08d}.pt"
         error: BaseException | None = None
         if engine.state.is_main:
@@ -212,9 +190,9 @@ class Checkpoint:
 
         # The checkpoint is written before its hash: a crash between them leaves a file
         # that fails verification and is skipped, never a hash that vouches for a stale file.
-        _write_atomic(path, write)
+        atomic_write(path, write)
         sha_line = f"{digest[0]}  {path.name}\n".encode()
-        _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(sha_line))
+        atomic_write(path.with_name(path.name + ".sha256"), lambda f: f.write(sha_line))
         self._prune(path)
 
     def _plugin_states(self, engine: Engine) -> dict[str, Any]:

@@ -8,8 +8,6 @@ from typing import Any
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
 
-from .lr_warmup import LRWarmup, optimizer_lrs, set_lr
-
 
 def cosine_lr(step: int, warmup_steps: int, total_steps: int, peak_lr: float, min_lr: float) -> float:
     """The book's cosine phase, for ``step >= warmup_steps``::
@@ -22,70 +20,90 @@ def cosine_lr(step: int, warmup_steps: int, total_steps: int, peak_lr: float, mi
 
 
 class CosineDecay:
-    """Decay the learning rate from ``peak_lr`` to ``min_lr`` along a half cosine.
+    """Decay the learning rate from the peak to ``min_lr`` along a half cosine.
 
-    Alone it decays from step 0. With :class:`LRWarmup` registered (in either order) it decays
-    over the steps after warmup and leaves the warmup steps to it: the D.2 curve.
+    It decays over the steps from ``engine.state.warmup_steps`` (published by whichever warmup
+    is registered, built-in or not; 0 without one, so alone it decays from step 0) to
+    ``engine.state.total_steps``: with a warmup, in either registration order, the D.2 curve.
+    It publishes ``engine.state.lr_decay`` in ``before_fit``, so a warmup knows not to hold the
+    peak.
 
     Args:
         min_lr: learning rate the cosine approaches at the end of the run (>= 0).
-        peak_lr: where the decay starts; ``None`` takes LRWarmup's ``peak_lr`` if it set one,
-            else each parameter group's lr at the start of fit.
+        peak_lr: where the decay starts; ``None`` takes ``engine.state.peak_lrs`` (each group's
+            lr at the start of fit, or the peak a warmup was given).
     """
 
-    #: Tells LRWarmup that this plugin sets the learning rate after warmup.
-    decays_after_warmup = True
-
     def __init__(self, min_lr: float, peak_lr: float | None = None) -> None:
-        if min_lr < 0:
+        if not min_lr >= 0:
             raise ValueError(f"CosineDecay: min_lr must be >= 0, got {min_lr!r}")
-        if peak_lr is not None and peak_lr <= 0:
+        if peak_lr is not None and not peak_lr > 0:
             raise ValueError(f"CosineDecay: peak_lr must be > 0, got {peak_lr!r}")
         if peak_lr is not None and min_lr > peak_lr:
             raise ValueError(f"CosineDecay: min_lr ({min_lr}) must not exceed peak_lr ({peak_lr})")
         self.min_lr = float(min_lr)
         self.peak_lr = peak_lr
-        self.peak_lrs: list[float] = []
-        self.warmup_steps = 0
-        self.total_steps = 0
+        self.plan: dict[str, Any] = {}
+        self._published_peaks: list[float] | None = None
+        self._first_step = True
+        self._saved: dict[str, Any] | None = None
 
     @hookimpl
     def before_fit(self, engine: Engine) -> None:
-        warmup = engine.find_plugin(LRWarmup)
-        self.total_steps = engine.state.total_steps
-        self.warmup_steps = warmup.resolve_steps(self.total_steps) if warmup is not None else 0
-        peak = self.peak_lr
-        if warmup is not None and warmup.peak_lr is not None:
-            if peak is not None and peak != warmup.peak_lr:
-                raise ValueError(
-                    f"CosineDecay: peak_lr ({peak}) differs from LRWarmup's peak_lr ({warmup.peak_lr}); "
-                    "set it on one of them only"
-                )
-            peak = warmup.peak_lr
-        n_groups = len(engine.optimizer.param_groups)
-        self.peak_lrs = [float(peak)] * n_groups if peak is not None else optimizer_lrs(engine)
-        for p in self.peak_lrs:
-            if self.min_lr > p:
-                raise ValueError(f"CosineDecay: min_lr ({self.min_lr}) exceeds the peak lr ({p})")
+        st = engine.state
+        name = engine.pm.get_name(self) or type(self).__name__
+        if st.lr_decay is not None:
+            raise ValueError(
+                f"CosineDecay: plugin {st.lr_decay!r} already sets the learning rate after warmup; "
+                "register one decay schedule only"
+            )
+        st.lr_decay = name
+        self._published_peaks = None
+        if self.peak_lr is not None:
+            self._published_peaks = st.peak_lrs = [float(self.peak_lr)] * len(engine.optimizer.param_groups)
+        self._first_step, self._saved = True, None
 
     @hookimpl
     def before_step(self, engine: Engine, batch: Any) -> None:
-        step = engine.state.step
-        if step >= self.warmup_steps:
-            set_lr(
-                engine, [cosine_lr(step, self.warmup_steps, self.total_steps, p, self.min_lr) for p in self.peak_lrs]
+        st = engine.state
+        if self._first_step:  # the other plugins' facts (and a resumed state) are final now
+            self._validate(st.warmup_steps, st.total_steps, st.peak_lrs)
+            self._first_step, self._saved = False, None
+        step, warmup = st.step, st.warmup_steps
+        if step >= warmup:
+            for group, peak in zip(engine.optimizer.param_groups, st.peak_lrs):
+                group["lr"] = cosine_lr(step, warmup, st.total_steps, peak, self.min_lr)
+
+    def _validate(self, warmup_steps: int, total_steps: int, peak_lrs: list[float]) -> None:
+        if self._published_peaks is not None and peak_lrs != self._published_peaks:
+            raise ValueError(
+                f"CosineDecay: peak_lr ({self.peak_lr}) differs from the peak another plugin published "
+                f"({peak_lrs}); set peak_lr on one plugin only"
             )
+        for peak in peak_lrs:
+            if self.min_lr > peak:
+                raise ValueError(f"CosineDecay: min_lr ({self.min_lr}) exceeds the peak lr ({peak})")
+        plan = {"warmup_steps": warmup_steps, "total_steps": total_steps, "peak_lrs": list(peak_lrs)}
+        saved = self._saved
+        if saved is not None and saved != plan:
+            raise ValueError(
+                f"CosineDecay: the checkpoint's run decays over steps {saved['warmup_steps']}-{saved['total_steps']} "
+                f"from {saved['peak_lrs']}, this run over {warmup_steps}-{total_steps} from {list(peak_lrs)}; "
+                "resume with the same epochs/max_steps, warmup and learning rate"
+            )
+        self.plan = plan
 
     def state_dict(self) -> dict[str, Any]:
-        return {"peak_lrs": list(self.peak_lrs), "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+        return dict(self.plan)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = (int(state["warmup_steps"]), int(state["total_steps"]))
-        if self.total_steps and saved != (self.warmup_steps, self.total_steps):
-            raise ValueError(
-                f"CosineDecay: the checkpoint's run decays over steps {saved[0]}-{saved[1]}, this run over "
-                f"{self.warmup_steps}-{self.total_steps}; resume with the same epochs/max_steps and warmup"
-            )
-        self.peak_lrs = list(state["peak_lrs"])
-        self.warmup_steps = int(state["warmup_steps"])
-        self.total_steps = int(state["total_steps"])
+        # Checked at the next step, when every plugin's plan for this fit is known.
+        self._saved = (
+            None
+            if not state
+            else {
+                "warmup_steps": int(state["warmup_steps"]),
+                "total_steps": int(state["total_steps"]),
+                "peak_lrs": [float(x) for x in state["peak_lrs"]],
+            }
+        )

@@ -9,42 +9,35 @@ import torch
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
 
-from .lr_warmup import LRWarmup
-
 
 class GradClip:
     """``clip_grad_norm_(model.parameters(), max_norm)`` once per optimizer step, from ``start_step`` on.
 
     It runs in ``after_backward``, where the engine guarantees complete, unscaled gradients, so
     it is right with gradient accumulation, fp16 and any plugin order. The book clips from the
-    first step after warmup: pass ``start_step=warmup_steps``, or ``start_step="after_warmup"``
-    to take the length from the registered :class:`LRWarmup` (also when it is a fraction).
+    first step after warmup: pass ``start_step="after_warmup"`` to clip from
+    ``engine.state.warmup_steps``, whichever plugin published it (0 when nothing warms up), or
+    an explicit step index.
 
-    ``last_norm`` holds the total gradient norm before clipping of the latest clipped step, as a
-    device tensor (no host sync); ``None`` before the first clipped step.
+    Each clipped step publishes ``grad_norm`` (the total norm before clipping, a device tensor:
+    no host sync) on ``engine.metrics``; ``last_norm`` keeps the latest one too.
     """
 
     def __init__(self, max_norm: float = 1.0, start_step: int | Literal["after_warmup"] = 0) -> None:
-        if not max_norm > 0:
-            raise ValueError(f"GradClip: max_norm must be > 0, got {max_norm!r}")
+        if not max_norm > 0 or max_norm == float("inf"):
+            raise ValueError(f"GradClip: max_norm must be a finite number > 0, got {max_norm!r}")
         if start_step != "after_warmup" and (
             isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0
         ):
             raise ValueError(f"GradClip: start_step must be an int >= 0 or 'after_warmup', got {start_step!r}")
         self.max_norm = float(max_norm)
-        self.start_step_setting = start_step
-        self.start_step = 0 if start_step == "after_warmup" else int(start_step)
+        self.start_step = start_step
         self.last_norm: torch.Tensor | None = None
         self._params: list[torch.nn.Parameter] = []
 
     @hookimpl
     def before_fit(self, engine: Engine) -> None:
-        if self.start_step_setting == "after_warmup":
-            warmup = engine.find_plugin(LRWarmup)
-            if warmup is None:
-                raise ValueError("GradClip: start_step='after_warmup' needs an LRWarmup plugin registered")
-            self.start_step = warmup.resolve_steps(engine.state.total_steps)
-        if self.start_step >= engine.state.total_steps:
+        if self.start_step != "after_warmup" and self.start_step >= engine.state.total_steps:
             raise ValueError(
                 f"GradClip: start_step ({self.start_step}) is not before the run's end "
                 f"({engine.state.total_steps} steps), so it would never clip"
@@ -53,5 +46,8 @@ class GradClip:
 
     @hookimpl
     def after_backward(self, engine: Engine) -> None:
-        if engine.state.step >= self.start_step:
+        st = engine.state
+        start = st.warmup_steps if self.start_step == "after_warmup" else self.start_step
+        if st.step >= start:
             self.last_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm=self.max_norm)
+            engine.metrics.publish("grad_norm", self.last_norm)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 from enginekit.engine import Engine
+from enginekit.files import atomic_write
 from enginekit.hookspec import hookimpl
-
-from .grad_clip import GradClip
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -22,11 +22,19 @@ class LossTracker:
     As the book's ``train_model``: evaluates when ``step % eval_freq == 0`` (step 0 included),
     prints ``Ep 1 (Iter 000000): Train loss 10.969, Val loss 10.938``, and keeps the lists
     ``train_model`` returns: ``train_losses``, ``val_losses``, ``tokens_seen`` (one entry per
-    evaluation) and ``lrs`` (the learning rate of every step).
+    evaluation) and ``lrs`` (the learning rate of every step, from the metrics channel).
 
-    With ``out_dir``: appends each evaluation to ``out_dir/metrics.jsonl`` as it happens and,
-    when fit ends, draws ``losses.png`` (loss against epochs, tokens seen on a second axis)
-    and ``lr.png`` if matplotlib is installed (``pip install "enginekit[plot]"``).
+    Each evaluation is published through :meth:`Engine.publish_evaluation`: ``train_loss`` and
+    ``val_loss`` land on ``engine.metrics`` and every ``after_evaluate`` implementation sees
+    them in the same step. Then one row per evaluation is recorded: ``step``, ``epoch``,
+    ``tokens_seen`` and every metric any plugin published for that step (``lr``,
+    ``step_loss``, ``grad_norm``, an accuracy, ...). The evaluation and the row happen after
+    every other plugin's ``after_step`` (a ``wrapper=True`` implementation), so what another
+    plugin publishes in its ``after_step`` is in the row whatever the registration order.
+
+    With ``out_dir``: appends each row to ``out_dir/metrics.jsonl`` as it happens and, when fit
+    ends, draws ``losses.png`` (loss against epochs, tokens seen on a second axis) and
+    ``lr.png`` if matplotlib is installed (``pip install "enginekit[plot]"``).
     """
 
     def __init__(self, eval_freq: int = 5, eval_iter: int = 1, out_dir: str | os.PathLike[str] | None = None) -> None:
@@ -61,28 +69,25 @@ class LossTracker:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._rewrite = True
 
-    @hookimpl
-    def after_step(self, engine: Engine, loss: Any) -> None:
-        st = engine.state
-        self.lrs.append(float(engine.optimizer.param_groups[0]["lr"]))
-        if st.step % self.eval_freq != 0:
-            return
-        train_loss = engine.evaluate(engine.train_loader, self.eval_iter)
-        val_loss = engine.evaluate(engine.val_loader, self.eval_iter) if engine.val_loader is not None else math.nan
-        record = {
-            "step": st.step,
-            "epoch": st.epoch,
-            "tokens_seen": st.tokens_seen,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "lr": self.lrs[-1],
-        }
-        clip = engine.find_plugin(GradClip)
-        if clip is not None and clip.last_norm is not None:
-            record["grad_norm"] = float(clip.last_norm)
-        self.records.append(record)
-        engine.print(f"Ep {st.epoch + 1} (Iter {st.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        self._write(engine, record)
+    @hookimpl(wrapper=True)
+    def after_step(self, engine: Engine, loss: Any) -> Generator[None, Any, Any]:
+        result = yield  # every other plugin's after_step runs first: its numbers join this step's row
+        st, metrics = engine.state, engine.metrics
+        self.lrs.append(metrics["lr"])
+        if st.step % self.eval_freq == 0:
+            train_loss = engine.evaluate(engine.train_loader, self.eval_iter)
+            val_loader = engine.val_loader
+            val_loss = engine.evaluate(val_loader, self.eval_iter) if val_loader is not None else math.nan
+            engine.publish_evaluation({"train_loss": train_loss, "val_loss": val_loss})
+            row = {"step": st.step, "epoch": st.epoch, "tokens_seen": st.tokens_seen}
+            row.update(train_loss=metrics["train_loss"], val_loss=metrics["val_loss"])
+            row.update({k: v for k, v in metrics.at(st.step).items() if k not in row})
+            self.records.append(row)
+            engine.print(
+                f"Ep {st.epoch + 1} (Iter {st.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+            )
+            self._write(engine, row)
+        return result
 
     def _write(self, engine: Engine, record: dict[str, Any]) -> None:
         if self.out_dir is None or not engine.state.is_main:
@@ -90,9 +95,8 @@ class LossTracker:
         path = self.out_dir / METRICS_FILE
         if self._rewrite:
             # A fresh or resumed run rewrites the file from memory, dropping rows of lost steps.
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-            os.replace(tmp, path)
+            rows = "".join(json.dumps(r) + "\n" for r in self.records).encode()
+            atomic_write(path, lambda f: f.write(rows))
             self._rewrite = False
             return
         with path.open("a") as f:

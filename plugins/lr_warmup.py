@@ -17,31 +17,22 @@ def warmup_lr(step: int, warmup_steps: int, initial_lr: float, peak_lr: float) -
     return initial_lr + step * increment
 
 
-def set_lr(engine: Engine, lrs: list[float]) -> None:
-    """Write one learning rate per optimizer parameter group."""
-    for group, lr in zip(engine.optimizer.param_groups, lrs):
-        group["lr"] = lr
-
-
-def optimizer_lrs(engine: Engine) -> list[float]:
-    """Each group's lr as first seen by a schedule, kept as ``initial_lr`` in the group (as torch's
-    schedulers do), so a second ``fit`` or a resumed run plans from the same peak, not the last lr."""
-    return [float(group.setdefault("initial_lr", group["lr"])) for group in engine.optimizer.param_groups]
-
-
 class LRWarmup:
-    """Raise the learning rate linearly from ``initial_lr`` to ``peak_lr`` over the first steps.
+    """Raise the learning rate linearly from ``initial_lr`` to the peak over the first steps.
 
     Args:
         warmup_steps: steps of warmup (>= 1); or give ``warmup_fraction`` instead.
         initial_lr: learning rate of step 0 (default 3e-5, the book's ``train_model`` default).
         peak_lr: learning rate reached after warmup; ``None`` takes each parameter group's lr
-            at the start of fit.
+            at the start of fit (``engine.state.peak_lrs``).
         warmup_fraction: warmup as a fraction of the run's total steps, ``int(f * total)`` as
             the book computes it (appendix D uses 0.2).
 
-    After warmup it holds ``peak_lr``, unless a decay schedule is registered (any plugin with
-    ``decays_after_warmup = True``, such as :class:`CosineDecay`), which then owns those steps.
+    It owns the plan fact ``engine.state.warmup_steps`` (and ``peak_lrs`` when ``peak_lr`` is
+    given), published in ``before_fit``: decays start after it and ``GradClip("after_warmup")``
+    clips from it, without knowing this plugin. After warmup it holds the peak, unless a decay
+    schedule has published ``engine.state.lr_decay`` (such as :class:`CosineDecay`), which
+    then owns those steps.
     """
 
     def __init__(
@@ -60,9 +51,9 @@ class LRWarmup:
             raise ValueError(f"LRWarmup: warmup_steps must be an int >= 1, got {warmup_steps!r}")
         if warmup_fraction is not None and not 0.0 < warmup_fraction < 1.0:
             raise ValueError(f"LRWarmup: warmup_fraction must be between 0 and 1, got {warmup_fraction!r}")
-        if initial_lr < 0:
+        if not initial_lr >= 0:
             raise ValueError(f"LRWarmup: initial_lr must be >= 0, got {initial_lr!r}")
-        if peak_lr is not None and peak_lr <= 0:
+        if peak_lr is not None and not peak_lr > 0:
             raise ValueError(f"LRWarmup: peak_lr must be > 0, got {peak_lr!r}")
         if peak_lr is not None and initial_lr > peak_lr:
             raise ValueError(f"LRWarmup: initial_lr ({initial_lr}) must not exceed peak_lr ({peak_lr})")
@@ -70,9 +61,11 @@ class LRWarmup:
         self.warmup_fraction = warmup_fraction
         self.initial_lr = float(initial_lr)
         self.peak_lr = peak_lr
-        self.peak_lrs: list[float] = []
         self.resolved_steps = 0
-        self._hold = True
+        self.peak_lrs: list[float] = []
+        self._published_peaks: list[float] | None = None
+        self._first_step = True
+        self._saved: dict[str, Any] | None = None
 
     def resolve_steps(self, total_steps: int) -> int:
         """Warmup length for a run of ``total_steps``, validated against it."""
@@ -91,32 +84,50 @@ class LRWarmup:
 
     @hookimpl
     def before_fit(self, engine: Engine) -> None:
-        self.resolved_steps = self.resolve_steps(engine.state.total_steps)
-        self.peak_lrs = (
-            [float(self.peak_lr)] * len(engine.optimizer.param_groups) if self.peak_lr else optimizer_lrs(engine)
-        )
-        for peak in self.peak_lrs:
-            if self.initial_lr > peak:
-                raise ValueError(f"LRWarmup: initial_lr ({self.initial_lr}) exceeds the peak lr ({peak})")
-        self._hold = not any(getattr(p, "decays_after_warmup", False) for p in engine.plugins.values())
+        st = engine.state
+        self.resolved_steps = st.warmup_steps = self.resolve_steps(st.total_steps)
+        self._published_peaks = None
+        if self.peak_lr is not None:
+            self._published_peaks = st.peak_lrs = [float(self.peak_lr)] * len(engine.optimizer.param_groups)
+        self._first_step, self._saved = True, None
 
     @hookimpl
     def before_step(self, engine: Engine, batch: Any) -> None:
-        step = engine.state.step
+        st = engine.state
+        if self._first_step:  # the other plugins' facts (and a resumed state) are final now
+            self._validate(st.peak_lrs, self._saved)
+            self.peak_lrs, self._first_step, self._saved = list(st.peak_lrs), False, None
+        step = st.step
         if step < self.resolved_steps:
-            set_lr(engine, [warmup_lr(step, self.resolved_steps, self.initial_lr, peak) for peak in self.peak_lrs])
-        elif self._hold:
-            set_lr(engine, self.peak_lrs)
+            lrs = [warmup_lr(step, self.resolved_steps, self.initial_lr, peak) for peak in st.peak_lrs]
+        elif st.lr_decay is None:
+            lrs = st.peak_lrs
+        else:
+            return
+        for group, lr in zip(engine.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
+    def _validate(self, peak_lrs: list[float], saved: dict[str, Any] | None) -> None:
+        if self._published_peaks is not None and peak_lrs != self._published_peaks:
+            raise ValueError(
+                f"LRWarmup: peak_lr ({self.peak_lr}) differs from the peak another plugin published "
+                f"({peak_lrs}); set peak_lr on one plugin only"
+            )
+        for peak in peak_lrs:
+            if self.initial_lr > peak:
+                raise ValueError(f"LRWarmup: initial_lr ({self.initial_lr}) exceeds the peak lr ({peak})")
+        if saved is not None and (
+            saved["warmup_steps"] != self.resolved_steps or (saved["peak_lrs"] and saved["peak_lrs"] != peak_lrs)
+        ):
+            raise ValueError(
+                f"LRWarmup: the checkpoint's run warms up for {saved['warmup_steps']} steps to {saved['peak_lrs']}, "
+                f"this run for {self.resolved_steps} steps to {peak_lrs}; resume with the same warmup, "
+                "run length and learning rate"
+            )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"peak_lrs": list(self.peak_lrs), "warmup_steps": self.resolved_steps}
+        return {"warmup_steps": self.resolved_steps, "peak_lrs": list(self.peak_lrs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.resolved_steps and int(state["warmup_steps"]) != self.resolved_steps:
-            raise ValueError(
-                f"LRWarmup: the checkpoint's run warms up for {state['warmup_steps']} steps, this run for "
-                f"{self.resolved_steps}; resume with the same warmup and run length"
-            )
-        # The saved peak wins, so a resumed run keeps its schedule even if the optimizer was rebuilt.
-        self.peak_lrs = list(state["peak_lrs"])
-        self.resolved_steps = int(state["warmup_steps"])
+        # Checked at the next step, when every plugin's plan for this fit is known.
+        self._saved = {"warmup_steps": int(state["warmup_steps"]), "peak_lrs": [float(x) for x in state["peak_lrs"]]}

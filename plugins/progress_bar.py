@@ -14,8 +14,9 @@ from enginekit.hookspec import hookimpl
 class ProgressBar:
     """One bar over the run's optimizer steps, showing loss, learning rate and tokens/s.
 
-    The numbers refresh every ``refresh_every`` steps: reading the loss synchronises with the
-    device, so it is not done per step. Lines printed through ``engine.print`` (all built-in
+    The numbers come from the metrics channel (``step_loss`` and ``lr`` on ``engine.metrics``)
+    and refresh every ``refresh_every`` steps: reading the loss synchronises with the device,
+    so it is not done per step. Lines printed through ``engine.print`` (all built-in
     plugins do) appear above the bar without breaking it. Only rank 0 draws it.
     """
 
@@ -49,8 +50,10 @@ class ProgressBar:
             now = time.perf_counter()
             rate = (st.tokens_seen - self._last_tokens) / max(now - self._last_time, 1e-9)
             self._last_time, self._last_tokens = now, st.tokens_seen
-            lr = engine.optimizer.param_groups[0]["lr"]
-            bar.set_postfix_str(f"loss={float(loss):.3f} lr={lr:.2e} tok/s={rate:,.0f}", refresh=True)
+            metrics = engine.metrics
+            bar.set_postfix_str(
+                f"loss={metrics['step_loss']:.3f} lr={metrics['lr']:.2e} tok/s={rate:,.0f}", refresh=True
+            )
 
     def _close(self) -> None:
         if self.bar is not None:

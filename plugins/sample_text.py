@@ -41,10 +41,12 @@ class SampleText:
         context_size = model.pos_emb.weight.shape[0]
         was_training = model.training
         model.eval()
-        encoded = text_to_token_ids(self.start_context, tokenizer).to(engine.device)
-        with torch.no_grad():
-            token_ids = generate(model, encoded, self.max_new_tokens, context_size)
-        model.train(was_training)
+        try:  # a failure must not leave dropout off for whoever carries on
+            encoded = text_to_token_ids(self.start_context, tokenizer).to(engine.device)
+            with torch.no_grad():
+                token_ids = generate(model, encoded, self.max_new_tokens, context_size)
+        finally:
+            model.train(was_training)
         text = token_ids_to_text(token_ids, tokenizer).replace("\n", " ")
         self.samples.append(text)
         engine.print(text)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import enginekit.files  # noqa: E402, F401  (patched by --pause-write-at)
 from enginekit import Engine, hookimpl  # noqa: E402
 from enginekit.data import create_dataloader, load_verdict  # noqa: E402
 from enginekit.gpt import GPTModel  # noqa: E402
@@ -56,9 +57,9 @@ def main() -> None:
     args = p.parse_args()
 
     if args.broken_rng:
-        import enginekit.engine
+        import enginekit.resume
 
-        enginekit.engine.restore_rng = lambda rng: None
+        enginekit.resume.restore_rng = lambda rng: None
     if args.broken_schedule:
         original = Engine.load_state_dict
 
@@ -75,7 +76,7 @@ def main() -> None:
                 (args.out / "paused").write_text(tmp.name)
                 time.sleep(120)
 
-        Checkpoint._before_replace = staticmethod(pause)
+        enginekit.files.before_replace = pause
 
     torch.manual_seed(123)
     text = load_verdict()[:1800]

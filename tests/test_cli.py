@@ -10,7 +10,8 @@ from enginekit.cli import main
 def test_plugins_lists_builtins_with_origin_and_hooks(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert "lr_warmup     built-in (enginekit.plugins.lr_warmup.LRWarmup)" in out
+    assert "lr_warmup       built-in (enginekit.plugins.lr_warmup.LRWarmup)" in out
+    assert "hooks: before_fit, after_evaluate, after_fit" in out  # early_stopping
     assert "hooks: before_fit, after_backward" in out  # grad_clip
     assert "run only when named" in out
 
@@ -32,17 +33,19 @@ def test_hooks_prints_the_protocol_in_order(capsys):
         for line in out.splitlines()[1:]
         if line.startswith("  ") and not line.strip().startswith("called")
     ]
-    expected = ["before_fit", "before_epoch", "before_step", "after_backward", "after_step", "after_epoch", "after_fit"]
-    assert names == expected + ["on_exception"]
+    expected = ["before_fit", "before_epoch", "before_step", "after_backward", "after_step", "after_evaluate"]
+    assert names == expected + ["on_save_point", "after_epoch", "after_fit", "on_exception"]
 
 
 def test_hooks_shows_the_call_order_for_given_plugins(capsys):
     main(["hooks", "lr_warmup", "loss_tracker", "checkpoint"])
     lines = capsys.readouterr().out.splitlines()
     after_step = lines[lines.index(next(x for x in lines if x.strip().startswith("after_step"))) + 1]
-    assert after_step.split("called: ")[1] == "loss_tracker -> checkpoint(trylast)"
+    assert after_step.split("called: ")[1] == "loss_tracker(wrapper)"
     before_fit = lines[lines.index(next(x for x in lines if x.strip().startswith("before_fit"))) + 1]
-    assert before_fit.split("called: ")[1] == "loss_tracker -> lr_warmup -> checkpoint(trylast)"
+    assert before_fit.split("called: ")[1] == "checkpoint(wrapper) -> loss_tracker -> lr_warmup"
+    save_point = lines[lines.index(next(x for x in lines if x.strip().startswith("on_save_point"))) + 1]
+    assert save_point.split("called: ")[1] == "checkpoint"
 
 
 def test_console_script_is_installed():

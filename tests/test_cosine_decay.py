@@ -48,8 +48,10 @@ def test_cosine_takes_the_peak_set_on_warmup():
 
 
 def test_conflicting_peaks_are_an_error():
-    with pytest.raises(ValueError, match="peak_lr \\(0.2\\) differs from LRWarmup's peak_lr \\(0.5\\)"):
-        drive([CosineDecay(min_lr=0.0, peak_lr=0.2), LRWarmup(warmup_steps=2, peak_lr=0.5)], steps_per_epoch=6)
+    for order in (1, -1):
+        plugins = [CosineDecay(min_lr=0.0, peak_lr=0.2), LRWarmup(warmup_steps=2, peak_lr=0.5)][::order]
+        with pytest.raises(ValueError, match="peak_lr \\(0.[25]\\) differs from the peak another plugin published"):
+            drive(plugins, steps_per_epoch=6)
 
 
 @pytest.mark.parametrize(

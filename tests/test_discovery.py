@@ -70,7 +70,7 @@ def test_autoload_registers_every_installed_plugin_when_asked(fake_site, monkeyp
     from enginekit import discovery
 
     eps = {k: v for k, v in installed_plugins().items() if k == "counter"}
-    monkeypatch.setattr(discovery, "installed_plugins", lambda: eps)
+    monkeypatch.setattr(discovery, "installed_plugins", lambda third_party_only=False: eps)
     engine = make_engine([], autoload_plugins=True)
     assert "counter" in engine.plugins
 

@@ -12,15 +12,15 @@ from enginekit.testing import HookRecorder, drive, make_engine
 
 
 def step_hooks(n: int) -> list[str]:
-    return ["before_step", "after_backward", "after_step"] * n
+    return ["before_step", "after_backward", "after_step", "on_save_point"] * n
 
 
 def test_hook_order_for_two_epochs():
     run = drive([], epochs=2, steps_per_epoch=3)
     expected = (
         ["before_fit"]
-        + ["before_epoch", *step_hooks(3), "after_epoch"]
-        + ["before_epoch", *step_hooks(3), "after_epoch"]
+        + ["before_epoch", *step_hooks(3), "after_epoch", "on_save_point"]
+        + ["before_epoch", *step_hooks(3), "after_epoch", "on_save_point"]
         + ["after_fit"]
     )
     assert run.hooks == expected
@@ -133,7 +133,10 @@ def test_should_stop_ends_the_run_after_the_current_step():
                 engine.state.should_stop = True
 
     run = drive(StopAtTwo(), epochs=3, steps_per_epoch=4)
-    assert run.hooks[-5:] == ["before_step", "after_backward", "after_step", "after_epoch", "after_fit"]
+    assert run.hooks[-7:] == [
+        *["before_step", "after_backward", "after_step", "on_save_point"],
+        *["after_epoch", "on_save_point", "after_fit"],
+    ]
     assert len(run.steps) == 3 and run.engine.state.step == 3
 
 
@@ -356,7 +359,8 @@ def test_sigterm_finishes_the_step_then_raises_training_interrupted():
         engine.fit()
     assert info.value.code == 143 and info.value.exit_code == 143
     assert engine.state.step == 2  # step 1 finished
-    assert rec.hooks[-3:] == ["after_backward", "after_step", "on_exception"]
+    assert rec.hooks[-5:] == ["after_backward", "after_step", "on_save_point", "on_save_point", "on_exception"]
+    assert [c.kwargs["reason"] for c in rec.calls[-3:-1]] == ["step", "signal"]
 
 
 def test_evaluate_restores_train_mode_and_averages_like_the_book(tiny_cfg):

@@ -69,11 +69,12 @@ def test_initial_above_the_optimizer_peak_is_rejected_at_fit():
 
 
 def test_a_second_fit_plans_from_the_first_peak_not_the_last_lr():
-    from enginekit.plugins import CosineDecay
+    from enginekit.plugins import CosineDecay, cosine_lr
     from enginekit.testing import make_engine
 
     engine = make_engine([LRWarmup(warmup_steps=2, initial_lr=0.0), CosineDecay(min_lr=0.0)], steps_per_epoch=4, lr=1.0)
     engine.fit(epochs=1)
     assert engine.optimizer.param_groups[0]["lr"] < 1.0
     engine.fit(epochs=2)
-    assert engine.find_plugin(CosineDecay).peak_lrs == [1.0]
+    assert engine.plugins["cosine_decay"].plan["peak_lrs"] == [1.0]
+    assert engine.optimizer.param_groups[0]["lr"] == cosine_lr(7, 2, 8, 1.0, 0.0)  # decayed from the same peak

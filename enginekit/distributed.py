@@ -1,0 +1,132 @@
+"""torchrun glue: join the process group, shard the data, wrap the model in DDP, agree across ranks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from .state import TrainState
+
+__all__ = ["Distributed"]
+
+
+class Distributed:
+    """Data parallelism under torchrun (``WORLD_SIZE > 1``); every method is a no-op otherwise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ddp: nn.Module | None = None
+        self._owns_process_group = False
+
+    @property
+    def active(self) -> bool:
+        return self.ddp is not None
+
+    def setup(self, model: nn.Module, train_loader: Iterable[Any], state: TrainState) -> Iterable[Any]:
+        """Join the group, wrap ``model`` in DDP; returns the training loader sharded for this rank."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1 or self.ddp is not None:
+            return train_loader
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data.distributed import DistributedSampler
+
+        if not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self._owns_process_group = True
+        state.rank, state.world_size = dist.get_rank(), dist.get_world_size()
+        loader = train_loader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "under torchrun the engine shards a torch DataLoader with a DistributedSampler; "
+                f"got {type(loader).__name__}: pass a DataLoader (or shard the data yourself and run without torchrun)"
+            )
+        if not isinstance(loader.sampler, DistributedSampler):
+            # one shuffle seed for all ranks, or their shards would overlap
+            seed = torch.tensor([torch.initial_seed() % 2**31], device=self.device)
+            dist.broadcast(seed, src=0)
+            sampler = DistributedSampler(
+                loader.dataset,
+                shuffle=isinstance(loader.sampler, RandomSampler),
+                seed=int(seed.item()),
+                drop_last=loader.drop_last,
+            )
+            loader = DataLoader(  # same settings, this rank's shard
+                loader.dataset,
+                batch_size=loader.batch_size,
+                sampler=sampler,
+                drop_last=loader.drop_last,
+                num_workers=loader.num_workers,
+                pin_memory=loader.pin_memory,
+                collate_fn=loader.collate_fn,
+            )
+        device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+        return loader
+
+    def teardown(self) -> None:
+        if self.ddp is None:
+            return
+        import torch.distributed as dist
+
+        self.ddp = None
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[Any]:
+        """DDP all-reduces gradients on the step's last micro-batch only."""
+        if self.ddp is None or last_micro_batch:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()  # type: ignore[operator]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` averaged over ranks (a copy)."""
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        return value / dist.get_world_size()
+
+    def agree_on_stop(self, signum: int | None, should_stop: bool) -> tuple[int | None, bool]:
+        """A stop (signal or should_stop) on any rank stops every rank after the same step."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([signum or 0, int(should_stop)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        agreed_signum, stop = (int(v) for v in flags.tolist())
+        return agreed_signum or None, bool(stop)
+
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every rank; every rank must call it."""
+        if self.ddp is None:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    def gather(self, obj: Any, world_size: int) -> list[Any]:
+        """Every rank's ``obj``, by rank."""
+        if self.ddp is None:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+
+def set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)

@@ -1,0 +1,169 @@
+"""The plugin registry: pluggy's manager, validation at registration, and errors that name the plugin."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+from typing import Any
+
+import pluggy
+
+from . import hookspec
+
+__all__ = ["HOOK_NAMES", "PluginError", "PluginValueError", "Registry", "default_plugin_name"]
+
+#: Every hook, in the order one ``fit`` first emits them.
+HOOK_NAMES = (
+    "before_fit",
+    "before_epoch",
+    "before_step",
+    "after_backward",
+    "after_step",
+    "after_evaluate",
+    "on_save_point",
+    "after_epoch",
+    "after_fit",
+    "on_exception",
+)
+
+
+class PluginError(RuntimeError):
+    """A plugin's hook raised; the message names the plugin and the hook, ``__cause__`` is the original."""
+
+    def __init__(self, message: str, plugin_name: str, hook_name: str) -> None:
+        super().__init__(message)
+        self.plugin_name = plugin_name
+        self.hook_name = hook_name
+
+
+class PluginValueError(PluginError, ValueError):
+    """A plugin rejected a setting (it raised ``ValueError``); still catchable as ``ValueError``."""
+
+
+_PLUGIN_ERROR_CLASSES: dict[type, type] = {ValueError: PluginValueError}
+
+
+def _plugin_error_class(original: type[Exception]) -> type[PluginError]:
+    """A PluginError that is also an instance of the original type, so ``except ValueError``
+    (or ``except CheckpointError``) around ``fit`` still catches what a plugin raised."""
+    cls = _PLUGIN_ERROR_CLASSES.get(original)
+    if cls is None:
+        try:
+            cls = type(f"Plugin{original.__name__}", (PluginError, original), {"__module__": __name__})
+        except TypeError:  # incompatible layouts (e.g. OSError subclasses)
+            cls = PluginValueError if issubclass(original, ValueError) else PluginError
+        _PLUGIN_ERROR_CLASSES[original] = cls
+    return cls
+
+
+def default_plugin_name(plugin: object) -> str:
+    """``plugin.plugin_name`` if set, else the class name in snake_case (``LRWarmup`` -> ``lr_warmup``)."""
+    explicit = getattr(plugin, "plugin_name", None)
+    if isinstance(explicit, str) and explicit:
+        return explicit
+    if isinstance(plugin, types.ModuleType):
+        raw = plugin.__name__.rsplit(".", 1)[-1]
+    else:
+        raw = plugin.__name__ if isinstance(plugin, type) else type(plugin).__name__
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", raw).lower()
+
+
+class _PluginManager(pluggy.PluginManager):
+    """Treats a public method named exactly like a hook as an implementation even without
+    ``@hookimpl`` (as pytest does), so forgetting the decorator is never a silent no-op."""
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if opts is None and name in HOOK_NAMES and callable(getattr(plugin, name, None)):
+            opts = dict(
+                wrapper=False, hookwrapper=False, optionalhook=False, tryfirst=False, trylast=False, specname=None
+            )
+        return opts
+
+
+def new_manager() -> _PluginManager:
+    """A plugin manager that knows every enginekit hook."""
+    pm = _PluginManager(hookspec.PROJECT)
+    pm.add_hookspecs(hookspec)
+    return pm
+
+
+class Registry:
+    """The engine's plugins: registration with validation, lookup by name, and emitting hooks."""
+
+    def __init__(self) -> None:
+        self.pm = new_manager()
+        self.hook = self.pm.hook
+
+    def register(self, plugin: Any, name: str | None = None) -> Any:
+        """Register a plugin object (or an installed plugin by its entry-point name) and validate it now."""
+        if isinstance(plugin, str):
+            from .discovery import load_plugin
+
+            name = name or plugin
+            plugin = load_plugin(plugin)
+        if isinstance(plugin, type):
+            raise TypeError(f"plugin {plugin.__name__} is a class; register an instance: {plugin.__name__}(...)")
+        name = name or default_plugin_name(plugin)
+        if self.pm.get_plugin(name) is not None:
+            raise ValueError(
+                f"a plugin named {name!r} is already registered ({type(self.pm.get_plugin(name)).__name__}); "
+                f"give the second one its own name: engine.register(plugin, name='{name}_2') or "
+                f"Engine(plugins=[('{name}_2', plugin)])"
+            )
+        if self.pm.is_registered(plugin):
+            raise ValueError(f"plugin {plugin!r} is already registered as {self.pm.get_name(plugin)!r}")
+        try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            signatures = "; ".join(f"{h}({', '.join(getattr(self.hook, h).spec.argnames)})" for h in HOOK_NAMES)
+            raise ValueError(
+                f"plugin {name!r} cannot be registered: {exc}. A hook implementation may take any "
+                f"subset of its hook's arguments: {signatures}"
+            ) from exc
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=name)
+            raise ValueError(self._unknown_hook_message(name, plugin)) from exc
+        return plugin
+
+    def _unknown_hook_message(self, name: str, plugin: Any) -> str:
+        bad = [
+            hook_name
+            for hook_name in dir(plugin)
+            if not hook_name.startswith("_")
+            and hook_name not in HOOK_NAMES
+            and super(_PluginManager, self.pm).parse_hookimpl_opts(plugin, hook_name) is not None
+        ]
+        parts = []
+        for hook_name in bad:
+            close = difflib.get_close_matches(hook_name, HOOK_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            parts.append(f"{hook_name!r}{hint}")
+        return f"plugin {name!r} implements unknown hook(s) {', '.join(parts)}; the hooks are {', '.join(HOOK_NAMES)}"
+
+    @property
+    def plugins(self) -> dict[str, Any]:
+        """Registered plugins by registration name, in registration order."""
+        return dict(self.pm.list_name_plugin())
+
+    def plugin_error(self, hook_name: str, exc: Exception, where: str) -> PluginError:
+        """Name the plugin whose hook raised, found by matching the traceback's frames."""
+        impls = {
+            getattr(impl.function, "__code__", None): impl.plugin_name
+            for impl in getattr(self.hook, hook_name).get_hookimpls()
+        }
+        plugin_name = "<unknown>"
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code in impls:
+                plugin_name = impls[tb.tb_frame.f_code]
+                break
+            tb = tb.tb_next
+        message = f"plugin {plugin_name!r} failed in hook {hook_name!r} {where}: {type(exc).__name__}: {exc}"
+        try:
+            return _plugin_error_class(type(exc))(message, plugin_name, hook_name)
+        except Exception:  # an exception type whose constructor needs other arguments
+            return PluginError(message, plugin_name, hook_name)

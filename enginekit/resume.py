@@ -1,0 +1,79 @@
+"""Resume bookkeeping: where the run stands in the data, and the engine's part of a checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from .state import TrainState, capture_rng, restore_rng
+
+__all__ = ["DataPosition", "engine_state_dict", "load_engine_state"]
+
+
+class DataPosition:
+    """Replays an epoch's shuffle so a resumed or continued epoch sees the same batches in the same order.
+
+    The torch RNG state at the start of each epoch is kept: drawing the shuffle again from it
+    and skipping the micro-batches already consumed puts the loader where the run left it.
+    """
+
+    def __init__(self) -> None:
+        self.epoch_rng: torch.Tensor | None = None
+        self.pending: dict[str, Any] | None = None
+
+    def epoch_batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """The epoch's batches; after a resume or a cut-short epoch, from where it stood."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            self.epoch_rng = torch.get_rng_state()
+            return iter(loader)
+        if pending["epoch_rng"] is not None:
+            torch.set_rng_state(pending["epoch_rng"])
+        self.epoch_rng = torch.get_rng_state()
+        batches = iter(loader)
+        for _ in range(pending["batches_in_epoch"]):
+            next(batches)
+        restore_rng(pending["rng"])
+        return batches
+
+    def cut_short(self, batches_in_epoch: int) -> None:
+        """The epoch ended early (max_steps, should_stop): a later fit continues it in order."""
+        self.pending = {"epoch_rng": self.epoch_rng, "batches_in_epoch": batches_in_epoch, "rng": capture_rng()}
+
+
+def engine_state_dict(state: TrainState, position: DataPosition, rngs: list[dict[str, Any]], **extra: Any) -> dict:
+    """The engine's part of a checkpoint, taken between steps (at a save point)."""
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "step_in_epoch": state.step_in_epoch,
+        "batches_in_epoch": state.batches_in_epoch,
+        "tokens_seen": state.tokens_seen,
+        "should_stop": state.should_stop,
+        "epoch_rng": position.epoch_rng if state.batches_in_epoch else None,
+        "rng": rngs,
+        "world_size": state.world_size,
+        **extra,
+    }
+
+
+def load_engine_state(state: TrainState, position: DataPosition, saved: dict[str, Any]) -> dict[str, Any]:
+    """Restore the counters and data position of :func:`engine_state_dict`; returns this rank's RNG states."""
+    if saved["world_size"] != state.world_size:
+        raise ValueError(
+            f"checkpoint was written by {saved['world_size']} process(es) but this run has "
+            f"{state.world_size}; resume with the same number of processes"
+        )
+    state.step, state.epoch = saved["step"], saved["epoch"]
+    state.step_in_epoch, state.batches_in_epoch = saved["step_in_epoch"], saved["batches_in_epoch"]
+    state.tokens_seen = saved["tokens_seen"]
+    state.should_stop = bool(saved.get("should_stop", False))
+    rng = saved["rng"][state.rank]
+    if saved["batches_in_epoch"] == 0:
+        restore_rng(rng)
+        position.pending = None
+    else:
+        position.pending = {"epoch_rng": saved["epoch_rng"], "batches_in_epoch": saved["batches_in_epoch"], "rng": rng}
+    return rng
