@@ -43,7 +43,8 @@ class Metrics:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"metric {name!r} must be a single number, got a tensor of shape {tuple(value.shape)}")
-            value = value.detach()
+            if value.requires_grad:
+                value = value.detach()
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"metric {name!r} must be a number or a 0-dim tensor, got {type(value).__name__}")
         self._values[name] = (value, self.step if step is None else step)

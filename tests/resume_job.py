@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import enginekit.files  # noqa: E402, F401  (patched by --pause-write-at)
-from enginekit import Engine, hookimpl  # noqa: E402
+from enginekit import Engine, files, hookimpl, resume  # noqa: E402
 from enginekit.data import create_dataloader, load_verdict  # noqa: E402
 from enginekit.gpt import GPTModel  # noqa: E402
 from enginekit.plugins import Checkpoint, CosineDecay, GradClip, LossTracker, LRWarmup  # noqa: E402
@@ -57,9 +56,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.broken_rng:
-        import enginekit.resume
-
-        enginekit.resume.restore_rng = lambda rng: None
+        resume.restore_rng = lambda rng: None
     if args.broken_schedule:
         original = Engine.load_state_dict
 
@@ -76,7 +73,7 @@ def main() -> None:
                 (args.out / "paused").write_text(tmp.name)
                 time.sleep(120)
 
-        enginekit.files.before_replace = pause
+        files.before_replace = pause
 
     torch.manual_seed(123)
     text = load_verdict()[:1800]

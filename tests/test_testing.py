@@ -71,3 +71,39 @@ def test_recorder_attaches_to_any_engine_and_detaches():
 def test_a_single_named_plugin_can_be_driven():
     run = drive(("halver", Halving()), steps_per_epoch=2, lr=1.0)
     assert list(run.engine.plugins) == ["halver"] and run.lrs == [1.0, 0.5]
+
+
+def test_fixed_losses_are_the_training_loss_only_and_evaluations_are_injected_apart():
+    from enginekit.plugins import LossTracker
+
+    tracker = LossTracker(eval_freq=2)
+    run = drive(tracker, steps_per_epoch=4, lr=0.0, losses=[9.0] * 4)
+    assert all(r["step_loss"] == 9.0 for r in tracker.records)
+    assert all(r["val_loss"] != 9.0 and r["train_loss"] != 9.0 for r in tracker.records)  # real evaluations
+
+    run = drive([], steps_per_epoch=4, losses=[9.0] * 4, evaluations={1: {"val_loss": 0.5}, 3: {"val_loss": 0.25}})
+    assert run.evaluations == [(1, {"val_loss": 0.5}), (3, {"val_loss": 0.25})]
+    assert run.engine.metrics["val_loss"] == 0.25 and run.engine.metrics.step_of("val_loss") == 3
+    assert "evaluator" in run.engine.plugins
+
+
+def test_evaluations_can_be_a_function_of_the_step():
+    run = drive([], steps_per_epoch=6, evaluations=lambda step: {"acc": step / 10} if step % 3 == 0 else None)
+    assert run.evaluations == [(0, {"acc": 0.0}), (3, {"acc": 0.3})]
+
+
+def test_no_validation_loader_when_asked():
+    from enginekit.plugins import LossTracker
+
+    tracker = LossTracker(eval_freq=2)
+    run = drive(tracker, steps_per_epoch=2, val_batches=0)
+    assert run.engine.val_loader is None
+    assert math.isnan(tracker.val_losses[0]) and not math.isnan(tracker.train_losses[0])
+
+
+def test_calls_record_arguments_and_what_was_published():
+    run = drive([], steps_per_epoch=2)
+    save_points = [c.kwargs["reason"] for c in run.calls if c.hook == "on_save_point"]
+    assert save_points == ["step", "step", "epoch"]
+    after_step = next(c for c in run.calls if c.hook == "after_step")
+    assert float(after_step.kwargs["loss"]) > 0 and after_step.published == {}
