@@ -3,6 +3,7 @@ hand-written loop, same model, same batches, runs interleaved; plus hook-dispatc
 
     python benchmarks/engine_overhead.py            # small and 124M models (~8 min on 2 cores)
     python benchmarks/engine_overhead.py --quick    # small and tiny models (~2 min)
+    python benchmarks/engine_overhead.py --dispatch-only   # the per-step hook and metrics cost only
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import torch
 from _common import CONFIGS, machine, real_batches, run_engine, run_plain
 
 from enginekit import hookimpl
@@ -35,18 +37,32 @@ class NoOp:
 
 
 def dispatch_cost(n_plugins: int, calls: int = 20000) -> float:
-    """Microseconds per optimizer step spent emitting the three step hooks to ``n_plugins`` plugins."""
+    """Microseconds per optimizer step the engine spends on plugins: the four hooks it emits every
+    step (before_step, after_backward, after_step, on_save_point) to ``n_plugins`` plugins
+    implementing the first three, plus its two publications on the metrics channel."""
     engine = make_engine([(f"noop{i}", NoOp()) for i in range(n_plugins)])
-    emit = engine._emit
+    emit, metrics = engine._emit, engine.metrics
+    loss = torch.tensor(1.0)
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
-        for _ in range(calls):
+        for i in range(calls):
+            metrics.step = i
             emit("before_step", batch=None)
+            metrics._put("lr", 1e-3, i)  # exactly what the engine does
+            metrics._put("step_loss", loss, i)
             emit("after_backward")
-            emit("after_step", loss=None)
+            emit("after_step", loss=loss)
+            emit("on_save_point", reason="step")
         best = min(best, (time.perf_counter() - start) / calls * 1e6)
     return best
+
+
+def print_dispatch() -> None:
+    base = dispatch_cost(0)
+    seven = dispatch_cost(7)
+    print("hooks and metrics per optimizer step (4 hooks + 2 publications, best of 5 x 20,000):")
+    print(f"  no plugins: {base:.1f} us   7 plugins implementing every step hook: {seven:.1f} us")
 
 
 def child(mode: str, name: str, steps: int) -> None:
@@ -66,10 +82,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny and small models only")
     p.add_argument("--rounds", type=int, default=None, help="interleaved engine/plain rounds per model")
     p.add_argument("--models", nargs="+", choices=sorted(CONFIGS), help="run only these models")
+    p.add_argument("--dispatch-only", action="store_true", help="only the per-step hook and metrics cost")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
+        return
+    if args.dispatch_only:
+        print(f"machine: {machine()}")
+        print_dispatch()
         return
     plan = [("small", 100, 20), ("tiny", 50, 20)] if args.quick else [("small", 100, 20), ("124M", 7, 6)]
     plan = [row for row in plan if not args.models or row[0] in args.models]
@@ -108,10 +129,7 @@ def main() -> None:
             f"{q2:>10.4f} [{q1:.4f}-{q3:.4f}] {e / pl:>7.4f} {tokens:>9.0f}"
         )
     print()
-    base = dispatch_cost(0)
-    seven = dispatch_cost(7)
-    print("hook dispatch per optimizer step (3 step hooks, best of 5 x 20,000):")
-    print(f"  no plugins: {base:.1f} us   7 plugins implementing every step hook: {seven:.1f} us")
+    print_dispatch()
 
 
 if __name__ == "__main__":

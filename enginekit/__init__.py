@@ -1,9 +1,12 @@
 """enginekit: a small event-driven trainer for GPT-style models, extended with pluggy plugins.
 
-Public API (everything else is an implementation detail)::
+Public API: this package's names (``Engine``, ``hookimpl``, ``TrainState``, ``Metrics``, the
+errors) and the modules ``enginekit.plugins`` (built-in plugins), ``enginekit.testing`` (the
+plugin test kit), ``enginekit.gpt`` (the book's model), ``enginekit.data`` (tokenizer, loaders,
+corpus) and ``enginekit.hookspec`` (the hooks, documented). Other modules are implementation::
 
     from enginekit import Engine, hookimpl, TrainState
-    from enginekit.plugins import LRWarmup, CosineDecay, GradClip, LossTracker, ...
+    from enginekit.plugins import LRWarmup, CosineDecay, GradClip, LossTracker, EarlyStopping, ...
 """
 
 from .engine import Engine, NonFiniteLossError, TrainingInterrupted, lm_loss

@@ -13,7 +13,26 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from .state import TrainState
 
-__all__ = ["Distributed"]
+__all__ = ["Distributed", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is cuda (this process's GPU under torchrun), then mps, then cpu."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if str(device) != "auto":
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(
+                f"device {device!r} is not a device torch knows: {exc}; try 'auto', 'cpu', 'cuda'"
+            ) from exc
+        # under torchrun a bare "cuda" means this process's GPU, not GPU 0 for every rank
+        return torch.device("cuda", local_rank) if resolved.type == "cuda" and resolved.index is None else resolved
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 class Distributed:

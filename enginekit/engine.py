@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
-import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import Distributed, set_sampler_epoch
+from .distributed import Distributed, resolve_device, set_sampler_epoch
+from .errors import NonFiniteLossError, TrainingInterrupted
 from .metrics import Metrics
 from .registry import PluginError, Registry
 from .resume import DataPosition, engine_state_dict, load_engine_state
+from .signals import StopSignals
 from .state import TrainState, capture_rng
 
 __all__ = ["Engine", "NonFiniteLossError", "TrainingInterrupted", "lm_loss"]
@@ -32,49 +31,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 NONFINITE_POLICIES = ("error", "skip")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss was NaN or infinite under the ``error`` policy, or too many steps were skipped."""
-
-
-class TrainingInterrupted(SystemExit):
-    """SIGINT or SIGTERM stopped ``fit`` after a finished step.
-
-    A ``SystemExit`` whose code is ``128 + signal number`` (130 for SIGINT, 143 for SIGTERM), so
-    a script that does not catch it exits with the shell's conventional status.
-    """
-
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(128 + signum)
-        self.signum = signum
-        self.step = step
-        self.exit_code = 128 + signum
-
-    def __str__(self) -> str:
-        return f"training interrupted by {signal.Signals(self.signum).name} after {self.step} completed step(s)"
-
-
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The language-model loss of the book's ``calc_loss_batch``: cross-entropy over all positions."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is cuda (this process's GPU under torchrun), then mps, then cpu."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if str(device) != "auto":
-        try:
-            resolved = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(
-                f"device {device!r} is not a device torch knows: {exc}; try 'auto', 'cpu', 'cuda'"
-            ) from exc
-        # under torchrun a bare "cuda" means this process's GPU, not GPU 0 for every rank
-        return torch.device("cuda", local_rank) if resolved.type == "cuda" and resolved.index is None else resolved
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 class Engine:
@@ -148,7 +107,7 @@ class Engine:
         self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._dist = Distributed(self.device)
         self._position = DataPosition()
-        self._stop_signal: int | None = None
+        self._signals = StopSignals(self.print)
         self.train_loader = self._dist.setup(self.model, self.train_loader, self.state)
 
         self._registry = Registry()
@@ -195,7 +154,7 @@ class Engine:
         self.train_loader = self._dist.setup(self.model, self.train_loader, st)  # again after a previous fit
         try:
             self._plan(epochs, max_steps)
-            with self._signals_stop_after_step():
+            with self._signals.installed():
                 try:
                     self._emit("before_fit")
                     while st.epoch < st.epochs and st.step < st.total_steps and not st.should_stop:
@@ -249,11 +208,13 @@ class Engine:
             if not self._train_step(micro_batches):
                 continue  # skipped for a non-finite loss: the same step again with the next batch
             if self._dist.active:  # before the save point: every rank must decide to save alike
-                self._stop_signal, st.should_stop = self._dist.agree_on_stop(self._stop_signal, st.should_stop)
+                self._signals.received, st.should_stop = self._dist.agree_on_stop(
+                    self._signals.received, st.should_stop
+                )
             self._emit("on_save_point", reason="step")
-            if self._stop_signal is not None:
+            if self._signals.received is not None:
                 self._emit("on_save_point", reason="signal")
-                raise TrainingInterrupted(self._stop_signal, st.step)
+                raise TrainingInterrupted(self._signals.received, st.step)
         self._emit("after_epoch")
         if exhausted or st.batches_in_epoch >= len(self.train_loader):  # type: ignore[arg-type]
             st.epoch += 1
@@ -267,7 +228,7 @@ class Engine:
         st, opt, metrics = self.state, self.optimizer, self.metrics
         metrics.step = st.step
         self._emit("before_step", batch=micro_batches[0] if self.grad_accum_steps == 1 else micro_batches)
-        metrics.publish("lr", opt.param_groups[0]["lr"])
+        metrics._put("lr", opt.param_groups[0]["lr"], st.step)
 
         # 1. forward + backward per micro-batch; the loss is averaged so gradients equal the big batch's
         loss, tokens = self._forward_backward(micro_batches)
@@ -279,7 +240,7 @@ class Engine:
         # 3. a non-finite loss never reaches the weights
         if not self._loss_is_finite(loss):
             return False
-        metrics.publish("step_loss", loss)
+        metrics._put("step_loss", loss, st.step)
         self._emit("after_backward")
         # 4. update, then free the gradients
         if self.scaler is not None:
@@ -360,29 +321,6 @@ class Engine:
             self.hook.on_exception(engine=self, error=error)
         except Exception as hook_error:
             warnings.warn(f"a plugin failed in on_exception while handling {error!r}: {hook_error!r}", stacklevel=2)
-
-    @contextlib.contextmanager
-    def _signals_stop_after_step(self) -> Iterator[None]:
-        """SIGINT/SIGTERM: finish the current step, then raise TrainingInterrupted; a second one aborts."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            self.print(f"enginekit: {signal.Signals(signum).name} received, stopping after the current step")
-
-        self._stop_signal = None
-        for s in previous:
-            signal.signal(s, handler)
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     # ------------------------------------------------------------------ evaluation and output
 

@@ -47,7 +47,11 @@ class Metrics:
                 value = value.detach()
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"metric {name!r} must be a number or a 0-dim tensor, got {type(value).__name__}")
-        self._values[name] = (value, self.step if step is None else step)
+        self._put(name, value, self.step if step is None else step)
+
+    def _put(self, name: str, value: Any, step: int) -> None:
+        """Publish without checks: the engine's own per-step values, known to be well-formed."""
+        self._values[name] = (value, step)
         self._count += 1
         self._serials[name] = self._count
 

@@ -27,6 +27,7 @@ import torch
 
 from enginekit import Engine, NonFiniteLossError, PluginError, TrainingInterrupted
 from enginekit.data import verdict_loaders
+from enginekit.files import atomic_write
 from enginekit.gpt import GPT_CONFIG_124M, GPTModel
 from enginekit.plugins import (
     Checkpoint,
@@ -122,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME",
-        help="also enable an installed plugin by its entry-point name (repeatable; see `enginekit plugins`)",
+        help="also enable a plugin by name, built with its defaults: a built-in one such as early_stopping, "
+        "or an installed one (repeatable; see `enginekit plugins`)",
     )
     p.add_argument(
         "--plot-lr", action="store_true", help="draw the chosen schedule to OUT/lr.png and exit without training"
@@ -137,8 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def schedule_plugins(args: argparse.Namespace) -> list[object]:
     """The LR and clipping plugins for these settings; lengths resolve against the run's real total."""
     plugins: list[object] = []
-    # pluggy calls the last registered first: LRWarmup goes last so its check of the warmup
-    # length, the root cause when clipping's start is also out of range, is the one reported.
     if not args.no_clip:
         plugins.append(GradClip(max_norm=args.max_norm, start_step=0 if args.no_warmup else "after_warmup"))
     if not args.no_cosine:
@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     if main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        tmp = args.out / ".model.pt.tmp"
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, args.out / "model.pt")
+        atomic_write(args.out / "model.pt", lambda f: torch.save(model.state_dict(), f))
         engine.print(
             f"done: {state.step} steps, {state.tokens_seen:,} tokens in {elapsed:.1f} s; "
             f"weights in {args.out / 'model.pt'}"

@@ -386,7 +386,7 @@ def test_resuming_with_another_run_length_is_an_error_naming_both(tmp_path):
 
     drive([CosineDecay(min_lr=0.0), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=4, max_steps=4)
     engine = make_engine([CosineDecay(min_lr=0.0), Checkpoint(tmp_path, resume=True)], steps_per_epoch=4)
-    with pytest.raises(ValueError, match="decays over steps 0-4, this run over 0-8"):
+    with pytest.raises(ValueError, match="decays over steps 0-4 from \\[0.001\\], this run over 0-8"):
         engine.fit(epochs=2)
 
 

@@ -50,3 +50,9 @@ def test_concepts_example_runs_with_a_smaller_model(capsys):
     engine = namespace["engine"]
     assert engine.state.step == 18 and engine.state.total_steps == 18
     assert "Ep 1 (Iter 000000)" in capsys.readouterr().out
+
+
+def test_evaluation_reaction_example_passes_its_own_test():
+    namespace: dict = {}
+    exec(python_block_after("### Reacting to evaluations"), namespace)
+    namespace["test_halves_after_two_evaluations_without_progress"]()
