@@ -7,7 +7,6 @@ whole flow. Plugins (registry.py), torchrun (distributed.py) and resume bookkeep
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -19,16 +18,16 @@ from torch import nn
 
 from .distributed import Distributed, resolve_device, set_sampler_epoch
 from .errors import NonFiniteLossError, TrainingInterrupted
+from .evaluation import mean_loss
 from .metrics import Metrics
+from .nonfinite import NonFinitePolicy
+from .precision import Precision
 from .registry import PluginError, Registry
 from .resume import DataPosition, engine_state_dict, load_engine_state
 from .signals import StopSignals
 from .state import TrainState, capture_rng
 
 __all__ = ["Engine", "NonFiniteLossError", "TrainingInterrupted", "lm_loss"]
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-NONFINITE_POLICIES = ("error", "skip")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -78,33 +77,20 @@ class Engine:
         max_skips: int = 10,
         autoload_plugins: bool = False,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        if max_skips < 1:
-            raise ValueError(f"max_skips must be >= 1, got {max_skips}")
+        self._nonfinite = NonFinitePolicy(nonfinite, max_skips)
         self.state = TrainState()
         self.metrics = Metrics()
         self.device = resolve_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError(
-                f"precision='fp16' needs a CUDA device (GradScaler), but the device is {self.device}; "
-                "use precision='bf16' on CPU"
-            )
-        self.precision = precision
+        self._precision = Precision(precision, self.device)
+        self.precision, self.scaler = precision, self._precision.scaler
         self.grad_accum_steps = grad_accum_steps
-        self.nonfinite = nonfinite
-        self.max_skips = max_skips
         self.loss_fn = loss_fn or lm_loss
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.val_loader = val_loader
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        self._amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._dist = Distributed(self.device)
         self._position = DataPosition()
         self._signals = StopSignals(self.print)
@@ -112,18 +98,7 @@ class Engine:
 
         self._registry = Registry()
         self.pm, self.hook = self._registry.pm, self._registry.hook
-        for plugin in plugins:
-            if isinstance(plugin, tuple):
-                name, plugin = plugin
-                self.register(plugin, name=name)
-            else:
-                self.register(plugin)
-        if autoload_plugins:
-            from .discovery import installed_plugins
-
-            for ep_name in installed_plugins(third_party_only=True):
-                if self.pm.get_plugin(ep_name) is None:
-                    self.register(ep_name)
+        self._registry.register_all(plugins, autoload=autoload_plugins)
 
     #: ``Engine.pick_device("auto")`` resolves a device the way the engine does.
     pick_device = staticmethod(resolve_device)
@@ -238,7 +213,7 @@ class Engine:
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         # 3. a non-finite loss never reaches the weights
-        if not self._loss_is_finite(loss):
+        if not self._nonfinite.allows(loss, st, opt, self.scaler, self.print):
             return False
         metrics._put("step_loss", loss, st.step)
         self._emit("after_backward")
@@ -265,7 +240,7 @@ class Engine:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with self._dist.no_sync(last_micro_batch=i == n - 1):
-                with self._autocast():
+                with self._precision.autocast():
                     loss = self.loss_fn(forward(inputs), targets)
                 if n > 1:
                     loss = loss / n
@@ -274,35 +249,6 @@ class Engine:
             tokens += inputs.numel()
         assert total is not None
         return total, tokens
-
-    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
-        """Apply the non-finite policy: the one host read of the step (free on CPU)."""
-        st = self.state
-        if bool(torch.isfinite(loss)):
-            st.skipped_steps = 0
-            return True
-        self.optimizer.zero_grad(set_to_none=True)
-        where = f"at step {st.step} (epoch {st.epoch}, batch {st.batches_in_epoch} of the epoch)"
-        if self.nonfinite == "error":
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} {where}; stopped before the update, so weights, "
-                "optimizer and checkpoints hold the last finite state. Lower the learning rate, "
-                "check the data, or pass nonfinite='skip'"
-            )
-        st.skipped_steps += 1
-        if self.scaler is not None:
-            self.scaler.update()  # closes this step's unscale_ (and lowers the scale if grads overflowed)
-        self.print(f"enginekit: non-finite loss {where}: skipped ({st.skipped_steps}/{self.max_skips})")
-        if st.skipped_steps >= self.max_skips:
-            raise NonFiniteLossError(
-                f"{st.skipped_steps} consecutive steps had a non-finite loss, the last {where}; giving up"
-            )
-        return False
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self._amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
 
     def _steps_per_epoch(self) -> int:
         try:
@@ -330,22 +276,7 @@ class Engine:
         As the book's ``calc_loss_loader``: per-batch losses summed as Python floats, NaN for an
         empty loader; train mode is restored afterwards. Under torchrun the mean is over ranks.
         """
-        n_total = len(loader)  # type: ignore[arg-type]
-        n = n_total if max_batches is None else min(max_batches, n_total)
-        was_training = self.model.training
-        self.model.eval()
-        total = 0.0
-        try:  # a failure must not leave dropout off for whoever carries on
-            with torch.no_grad():
-                for i, (inputs, targets) in enumerate(loader):
-                    if i >= n:
-                        break
-                    with self._autocast():
-                        out = self.model(inputs.to(self.device, non_blocking=True))
-                        total += self.loss_fn(out, targets.to(self.device, non_blocking=True)).item()
-        finally:
-            self.model.train(was_training)
-        mean = total / n if n > 0 else float("nan")
+        mean = mean_loss(self.model, loader, self.loss_fn, self.device, self._precision.autocast, max_batches)
         if self._dist.active:
             mean = float(self._dist.mean(torch.tensor(mean, device=self.device)))
         return mean

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 import types
+from collections.abc import Sequence
 from typing import Any
 
 import pluggy
@@ -143,6 +144,22 @@ class Registry:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             parts.append(f"{hook_name!r}{hint}")
         return f"plugin {name!r} implements unknown hook(s) {', '.join(parts)}; the hooks are {', '.join(HOOK_NAMES)}"
+
+    def register_all(self, plugins: Sequence[Any], autoload: bool) -> None:
+        """``Engine(plugins=...)``: objects, ``(name, plugin)`` pairs or installed names; with
+        ``autoload`` also every installed third-party plugin not already registered by name."""
+        for plugin in plugins:
+            if isinstance(plugin, tuple):
+                name, plugin = plugin
+                self.register(plugin, name=name)
+            else:
+                self.register(plugin)
+        if autoload:
+            from .discovery import installed_plugins
+
+            for ep_name in installed_plugins(third_party_only=True):
+                if self.pm.get_plugin(ep_name) is None:
+                    self.register(ep_name)
 
     @property
     def plugins(self) -> dict[str, Any]:
