@@ -27,12 +27,41 @@ def resolve_device(device: str | torch.device) -> torch.device:
                 f"device {device!r} is not a device torch knows: {exc}; try 'auto', 'cpu', 'cuda'"
             ) from exc
         # under torchrun a bare "cuda" means this process's GPU, not GPU 0 for every rank
-        return torch.device("cuda", local_rank) if resolved.type == "cuda" and resolved.index is None else resolved
+        if resolved.type == "cuda" and resolved.index is None:
+            resolved = torch.device("cuda", local_rank)
+        _check_available(device, resolved)
+        return resolved
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can train on, as ``torch.device`` strings."""
+    found = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return [*found, "cpu"]
+
+
+def _check_available(asked: object, device: torch.device) -> None:
+    """A device this machine lacks is one clear line, not torch's assertion deep in ``.to()``."""
+    if device.type == "cpu" or device.type == "meta":
+        return
+    available = available_devices()
+    if device.type == "cuda":
+        ok = torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    elif device.type == "mps":
+        ok = "mps" in available
+    else:
+        return  # other backends (xpu, ...) report their own errors
+    if not ok:
+        raise ValueError(
+            f"device {str(asked)!r} is not available on this machine; it has: {', '.join(available)}. "
+            "Pass one of those, or 'auto' to pick the best"
+        )
 
 
 class Distributed:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_count, check_number
 from .distributed import Distributed, resolve_device, set_sampler_epoch
 from .errors import NonFiniteLossError, TrainingInterrupted
 from .evaluation import mean_loss
@@ -77,8 +78,7 @@ class Engine:
         max_skips: int = 10,
         autoload_plugins: bool = False,
     ) -> None:
-        if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
+        check_count("", "grad_accum_steps", grad_accum_steps)
         self._nonfinite = NonFinitePolicy(nonfinite, max_skips)
         self.state = TrainState()
         self.metrics = Metrics()
@@ -145,13 +145,15 @@ class Engine:
     def _plan(self, epochs: int | None, max_steps: int | None) -> None:
         """Set this fit's totals and reset the plan facts plugins publish in ``before_fit``."""
         st = self.state
+        if epochs is not None:
+            check_count("fit: ", "epochs", epochs)
+        if max_steps is not None:
+            check_count("fit: ", "max_steps", max_steps)
+        for i, group in enumerate(self.optimizer.param_groups):
+            check_number("optimizer: ", f"param group {i}'s lr", group["lr"], minimum=0.0)
         st.steps_per_epoch = self._steps_per_epoch()
         if epochs is None:
             epochs = 1 if max_steps is None else math.ceil(max_steps / st.steps_per_epoch)
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         st.epochs = epochs
         st.total_steps = (
             epochs * st.steps_per_epoch if max_steps is None else min(max_steps, epochs * st.steps_per_epoch)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from .checks import check_count
 from .errors import NonFiniteLossError
 from .state import TrainState
 
@@ -21,8 +22,7 @@ class NonFinitePolicy:
     def __init__(self, policy: str, max_skips: int) -> None:
         if policy not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
-        if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 1:
-            raise ValueError(f"max_skips must be an int >= 1, got {max_skips!r}")
+        check_count("", "max_skips", max_skips)
         self.policy = policy
         self.max_skips = max_skips
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 import types
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,6 +116,13 @@ class Registry:
             )
         if self.pm.is_registered(plugin):
             raise ValueError(f"plugin {plugin!r} is already registered as {self.pm.get_name(plugin)!r}")
+        hooks = [attr for attr in dir(plugin) if self.pm.parse_hookimpl_opts(plugin, attr) is not None]
+        if not hooks:
+            raise ValueError(
+                f"plugin {name!r} ({plugin!r}) implements no hook, so it would never run; a plugin is an "
+                f"object with @hookimpl methods named after hooks: {', '.join(HOOK_NAMES)}"
+            )
+        self._warn_near_misses(name, plugin)
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
@@ -129,6 +137,19 @@ class Registry:
             self.pm.unregister(name=name)
             raise ValueError(self._unknown_hook_message(name, plugin)) from exc
         return plugin
+
+    def _warn_near_misses(self, name: str, plugin: Any) -> None:
+        """An undecorated method one typo away from a hook is never called: say so."""
+        for attr in dir(plugin):
+            if attr.startswith("_") or attr in HOOK_NAMES or not callable(getattr(plugin, attr, None)):
+                continue
+            close = difflib.get_close_matches(attr, HOOK_NAMES, n=1, cutoff=0.85)
+            if close and self.pm.parse_hookimpl_opts(plugin, attr) is None:
+                warnings.warn(
+                    f"plugin {name!r}: method {attr!r} is not a hook, so it is never called "
+                    f"(did you mean {close[0]!r}?)",
+                    stacklevel=4,
+                )
 
     def _unknown_hook_message(self, name: str, plugin: Any) -> str:
         bad = [
@@ -181,6 +202,10 @@ class Registry:
             tb = tb.tb_next
         message = f"plugin {plugin_name!r} failed in hook {hook_name!r} {where}: {type(exc).__name__}: {exc}"
         try:
-            return _plugin_error_class(type(exc))(message, plugin_name, hook_name)
+            error = _plugin_error_class(type(exc))(message, plugin_name, hook_name)
         except Exception:  # an exception type whose constructor needs other arguments
-            return PluginError(message, plugin_name, hook_name)
+            error = PluginError(message, plugin_name, hook_name)
+        for key, value in vars(exc).items():  # keep what the original carries (CheckpointError.details, ...)
+            if key not in ("plugin_name", "hook_name"):
+                setattr(error, key, value)
+        return error

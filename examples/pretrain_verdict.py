@@ -18,6 +18,7 @@ corrupt checkpoints); 2 bad command-line arguments; 3 non-finite loss; 130 after
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -54,6 +55,43 @@ TINY_CONFIG = {
 CONFIGS = {"124M": GPT_CONFIG_124M, "tiny": TINY_CONFIG}
 
 
+def number(minimum: float | None = None, above: float | None = None, below: float | None = None):
+    """An argparse type: a finite float in range; NaN, inf and out-of-range values exit 2 naming the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(value)
+        ok = ok and (minimum is None or value >= minimum) and (above is None or value > above)
+        if not (ok and (below is None or value < below)):
+            bounds = [f">= {minimum}" if minimum is not None else "", f"> {above}" if above is not None else ""]
+            bounds.append(f"< {below}" if below is not None else "")
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {' and '.join(b for b in bounds if b)}, got {text}"
+            )
+        return value
+
+    return parse
+
+
+def count(minimum: int = 1, maximum: int | None = None):
+    """An argparse type: an int in range (exit 2 naming the flag otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            limit = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {limit}, got {text}")
+        return value
+
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Pretrain GPT on The Verdict with enginekit (appendix D of the book).",
@@ -63,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--model", choices=sorted(CONFIGS), default="124M", help="124M: the book's model; tiny: trains in seconds"
     )
-    g.add_argument("--epochs", type=int, default=15, help="passes over the training text")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--epochs", type=count(), default=15, help="passes over the training text")
+    g.add_argument("--max-steps", type=count(), default=None, help="stop after this many optimizer steps")
     g.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     g.add_argument(
         "--precision",
@@ -73,10 +111,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bf16: autocast on CPU/CUDA; fp16: CUDA only",
     )
     g.add_argument(
-        "--seed", type=int, default=123, help="torch.manual_seed before building the model (the book uses 123)"
+        "--seed",
+        type=count(0, 2**64 - 1),
+        default=123,
+        help="torch.manual_seed before building the model (the book uses 123)",
     )
-    g.add_argument("--batch-size", type=int, default=2, help="sequences per optimizer step")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument(
+        "--batch-size", type=count(), default=2, help="sequences per micro-batch and process (the loader's batch)"
+    )
+    g.add_argument("--grad-accum", type=count(), default=1, help="micro-batches per optimizer step")
     g.add_argument(
         "--compile", action="store_true", help="torch.compile the model (helps on GPU; did not on a 2-core CPU)"
     )
@@ -87,24 +130,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="metrics.jsonl, losses.png, lr.png, model.pt, checkpoints/",
     )
     s = p.add_argument_group("schedule and clipping (appendix D)")
-    s.add_argument("--peak-lr", type=float, default=1e-3, help="AdamW lr, reached after warmup")
-    s.add_argument("--initial-lr", type=float, default=1e-5, help="lr at step 0 of the warmup")
-    s.add_argument("--min-lr", type=float, default=1e-5, help="lr the cosine decays to")
-    s.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    s.add_argument("--peak-lr", type=number(above=0), default=1e-3, help="AdamW lr, reached after warmup")
+    s.add_argument("--initial-lr", type=number(minimum=0), default=1e-5, help="lr at step 0 of the warmup")
+    s.add_argument("--min-lr", type=number(minimum=0), default=1e-5, help="lr the cosine decays to")
+    s.add_argument("--weight-decay", type=number(minimum=0), default=0.1, help="AdamW weight decay")
     w = s.add_mutually_exclusive_group()
-    w.add_argument("--warmup-steps", type=int, default=None, help="warmup length in steps")
-    w.add_argument("--warmup-fraction", type=float, default=0.2, help="warmup length as a fraction of all steps")
+    w.add_argument("--warmup-steps", type=count(), default=None, help="warmup length in steps")
+    w.add_argument(
+        "--warmup-fraction", type=number(above=0, below=1), default=0.2, help="warmup length as a fraction of all steps"
+    )
     s.add_argument(
-        "--max-norm", type=float, default=1.0, help="gradient-norm clipping threshold (from the first post-warmup step)"
+        "--max-norm",
+        type=number(above=0),
+        default=1.0,
+        help="gradient-norm clipping threshold (from the first post-warmup step)",
     )
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval-freq", type=int, default=5, help="evaluate every N steps")
-    e.add_argument("--eval-iter", type=int, default=1, help="batches per evaluation")
+    e.add_argument("--eval-freq", type=count(), default=5, help="evaluate every N steps")
+    e.add_argument("--eval-iter", type=count(), default=1, help="batches per evaluation")
     c = p.add_argument_group("checkpoints")
     c.add_argument(
-        "--save-every", type=int, default=None, help="also checkpoint every N steps (always at each epoch end)"
+        "--save-every", type=count(), default=None, help="also checkpoint every N steps (always at each epoch end)"
     )
-    c.add_argument("--keep-last", type=int, default=2, help="checkpoints kept (124M: about 2 GB each)")
+    c.add_argument("--keep-last", type=count(), default=2, help="checkpoints kept (124M: about 2 GB each)")
     c.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in OUT/checkpoints")
     c.add_argument("--overwrite", action="store_true", help="delete checkpoints of an earlier run in OUT/checkpoints")
     o = p.add_argument_group("switch plugins off")
@@ -130,10 +178,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plot-lr", action="store_true", help="draw the chosen schedule to OUT/lr.png and exit without training"
     )
     args = p.parse_args(argv)
-    for flag in ("epochs", "batch_size", "grad_accum", "eval_freq", "eval_iter", "keep_last"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        args.device = Engine.pick_device(args.device)
+    except ValueError as exc:
+        p.error(f"--device: {exc}")
+    if int(os.environ.get("RANK", "0")) == 0 and not args.plot_lr:
+        problem = unwritable(args.out)
+        if problem:  # found now, not after training when model.pt cannot be written
+            p.error(f"--out {args.out}: {problem}")
     return args
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot take the run's files, or None (it is created if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc}); pass a folder you can write to"
+    return None
 
 
 def schedule_plugins(args: argparse.Namespace) -> list[object]:
@@ -187,6 +252,14 @@ def plot_schedule(args: argparse.Namespace, steps_per_epoch: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside fit (which handles it itself): one line, not a traceback
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = CONFIGS[args.model]
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -200,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot_lr:
             return plot_schedule(args, steps_per_epoch)
         model = GPTModel(cfg)
-        device = Engine.pick_device(args.device)
+        device = args.device  # resolved and checked by parse_args
         # fused AdamW: one kernel for all parameters on CUDA; the default elsewhere
         fused = True if device.type == "cuda" else None
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.peak_lr, weight_decay=args.weight_decay, fused=fused)

@@ -21,7 +21,15 @@ _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
 class CheckpointError(RuntimeError):
-    """No usable checkpoint, or one that does not fit the run (plugins, format)."""
+    """No usable checkpoint, or one that does not fit the run (plugins, format, model).
+
+    The message is one line; ``details`` holds the full list when there is more to say
+    (every mismatched tensor of another model, for instance).
+    """
+
+    def __init__(self, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or []
 
 
 class _HashingWriter:
@@ -308,6 +316,7 @@ class Checkpoint:
                     "Checkpoint(..., strict_plugins=False) to resume anyway"
                 )
             engine.print(f"Checkpoint: warning: {message}; resuming anyway (strict_plugins=False)")
+        _check_same_model(path, _unwrap(engine.model).state_dict(), payload["model"])
         _unwrap(engine.model).load_state_dict(payload["model"])
         engine.optimizer.load_state_dict(payload["optimizer"])
         for name, plugin in stateful.items():
@@ -317,6 +326,24 @@ class Checkpoint:
         self.last_saved = payload["engine"]["step"]
         self.resumed_from = path
         engine.print(f"Checkpoint: resumed from {path.name} (step {engine.state.step}, epoch {engine.state.epoch + 1})")
+
+
+def _check_same_model(path: Path, own: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Another model's checkpoint is one line naming the first difference, not torch's page of them."""
+    details = [f"missing from the checkpoint: {k}" for k in own if k not in saved]
+    details += [f"not in this model: {k}" for k in saved if k not in own]
+    details += [
+        f"{k}: {tuple(saved[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
+        for k in own
+        if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)
+    ]
+    if details:
+        raise CheckpointError(
+            f"{path.name} holds another model ({len(details)} difference(s), first: {details[0]}); resume with "
+            "the model settings it was trained with, or start a new run in another folder "
+            "(CheckpointError.details lists every difference)",
+            details,
+        )
 
 
 def _remove(checkpoint: Path) -> None:

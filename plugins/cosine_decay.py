@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from enginekit.checks import check_number
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
 
@@ -35,10 +36,9 @@ class CosineDecay:
     """
 
     def __init__(self, min_lr: float, peak_lr: float | None = None) -> None:
-        if not min_lr >= 0:
-            raise ValueError(f"CosineDecay: min_lr must be >= 0, got {min_lr!r}")
-        if peak_lr is not None and not peak_lr > 0:
-            raise ValueError(f"CosineDecay: peak_lr must be > 0, got {peak_lr!r}")
+        check_number("CosineDecay: ", "min_lr", min_lr, minimum=0.0)
+        if peak_lr is not None:
+            check_number("CosineDecay: ", "peak_lr", peak_lr, above=0.0)
         if peak_lr is not None and min_lr > peak_lr:
             raise ValueError(f"CosineDecay: min_lr ({min_lr}) must not exceed peak_lr ({peak_lr})")
         self.min_lr = float(min_lr)

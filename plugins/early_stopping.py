@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from enginekit.checks import check_count, check_number
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
 
@@ -42,10 +43,8 @@ class EarlyStopping:
     def __init__(self, monitor: str = "val_loss", patience: int = 3, min_delta: float = 0.0, mode: str = "min") -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"EarlyStopping: monitor must be a metric name, got {monitor!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be an int >= 1, got {patience!r}")
-        if not (isinstance(min_delta, (int, float)) and 0 <= min_delta < math.inf):
-            raise ValueError(f"EarlyStopping: min_delta must be a finite number >= 0, got {min_delta!r}")
+        check_count("EarlyStopping: ", "patience", patience)
+        check_number("EarlyStopping: ", "min_delta", min_delta, minimum=0.0)
         if mode not in MODES:
             raise ValueError(f"EarlyStopping: mode must be one of {MODES}, got {mode!r}")
         self.monitor = monitor

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 
+from enginekit.checks import check_number
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
 
@@ -24,8 +25,7 @@ class GradClip:
     """
 
     def __init__(self, max_norm: float = 1.0, start_step: int | Literal["after_warmup"] = 0) -> None:
-        if not max_norm > 0 or max_norm == float("inf"):
-            raise ValueError(f"GradClip: max_norm must be a finite number > 0, got {max_norm!r}")
+        check_number("GradClip: ", "max_norm", max_norm, above=0.0)
         if start_step != "after_warmup" and (
             isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0
         ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from enginekit.checks import check_number
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
 
@@ -49,12 +50,11 @@ class LRWarmup:
             isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1
         ):
             raise ValueError(f"LRWarmup: warmup_steps must be an int >= 1, got {warmup_steps!r}")
-        if warmup_fraction is not None and not 0.0 < warmup_fraction < 1.0:
+        if warmup_fraction is not None and not 0.0 < warmup_fraction < 1.0:  # NaN fails too
             raise ValueError(f"LRWarmup: warmup_fraction must be between 0 and 1, got {warmup_fraction!r}")
-        if not initial_lr >= 0:
-            raise ValueError(f"LRWarmup: initial_lr must be >= 0, got {initial_lr!r}")
-        if peak_lr is not None and not peak_lr > 0:
-            raise ValueError(f"LRWarmup: peak_lr must be > 0, got {peak_lr!r}")
+        check_number("LRWarmup: ", "initial_lr", initial_lr, minimum=0.0)
+        if peak_lr is not None:
+            check_number("LRWarmup: ", "peak_lr", peak_lr, above=0.0)
         if peak_lr is not None and initial_lr > peak_lr:
             raise ValueError(f"LRWarmup: initial_lr ({initial_lr}) must not exceed peak_lr ({peak_lr})")
         self.warmup_steps = warmup_steps

@@ -57,9 +57,9 @@ def test_conflicting_peaks_are_an_error():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"min_lr": -1.0}, "min_lr must be >= 0"),
+        ({"min_lr": -1.0}, "min_lr must be a finite number >= 0"),
         ({"min_lr": 0.1, "peak_lr": 0.01}, "min_lr \\(0.1\\) must not exceed peak_lr \\(0.01\\)"),
-        ({"min_lr": 0.0, "peak_lr": -2.0}, "peak_lr must be > 0"),
+        ({"min_lr": 0.0, "peak_lr": -2.0}, "peak_lr must be a finite number > 0"),
     ],
 )
 def test_invalid_settings_are_named(kwargs, match):

@@ -40,8 +40,8 @@ def test_peak_defaults_to_each_param_groups_lr():
         ({}, "give exactly one of warmup_steps and warmup_fraction"),
         ({"warmup_steps": 3, "warmup_fraction": 0.1}, "give exactly one"),
         ({"warmup_fraction": 1.5}, "warmup_fraction must be between 0 and 1"),
-        ({"warmup_steps": 3, "initial_lr": -1.0}, "initial_lr must be >= 0"),
-        ({"warmup_steps": 3, "peak_lr": 0.0}, "peak_lr must be > 0"),
+        ({"warmup_steps": 3, "initial_lr": -1.0}, "initial_lr must be a finite number >= 0"),
+        ({"warmup_steps": 3, "peak_lr": 0.0}, "peak_lr must be a finite number > 0"),
         ({"warmup_steps": 3, "initial_lr": 0.1, "peak_lr": 0.01}, "initial_lr .* must not exceed peak_lr"),
     ],
 )
