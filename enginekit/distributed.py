@@ -92,30 +92,11 @@ class Distributed:
             self._owns_process_group = True
         state.rank, state.world_size = dist.get_rank(), dist.get_world_size()
         loader = train_loader
-        if not isinstance(loader, DataLoader):
-            raise ValueError(
-                "under torchrun the engine shards a torch DataLoader with a DistributedSampler; "
-                f"got {type(loader).__name__}: pass a DataLoader (or shard the data yourself and run without torchrun)"
-            )
-        if not isinstance(loader.sampler, DistributedSampler):
+        if not isinstance(loader, DataLoader) or not isinstance(loader.sampler, DistributedSampler):
             # one shuffle seed for all ranks, or their shards would overlap
             seed = torch.tensor([torch.initial_seed() % 2**31], device=self.device)
             dist.broadcast(seed, src=0)
-            sampler = DistributedSampler(
-                loader.dataset,
-                shuffle=isinstance(loader.sampler, RandomSampler),
-                seed=int(seed.item()),
-                drop_last=loader.drop_last,
-            )
-            loader = DataLoader(  # same settings, this rank's shard
-                loader.dataset,
-                batch_size=loader.batch_size,
-                sampler=sampler,
-                drop_last=loader.drop_last,
-                num_workers=loader.num_workers,
-                pin_memory=loader.pin_memory,
-                collate_fn=loader.collate_fn,
-            )
+            loader = shard_loader(loader, state.rank, state.world_size, int(seed.item()))
         device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(model, device_ids=device_ids)
         return loader
@@ -172,6 +153,57 @@ class Distributed:
         gathered: list[Any] = [None] * world_size
         dist.all_gather_object(gathered, obj)
         return gathered
+
+
+def shard_loader(loader: Any, rank: int, world_size: int, seed: int) -> DataLoader:
+    """``loader`` rebuilt to yield this rank's shard, every other setting kept.
+
+    The sampler becomes a ``DistributedSampler`` (shuffling if the loader shuffled, seeded alike on
+    every rank). ``DataLoader.drop_last`` keeps its meaning (drop the last incomplete batch); the
+    sampler pads the shards to equal length instead of dropping samples. A custom sampler or
+    batch sampler cannot be sharded without knowing its logic, so it is refused.
+    """
+    from torch.utils.data import BatchSampler, SequentialSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    if not isinstance(loader, DataLoader):
+        raise ValueError(
+            "under torchrun the engine shards a torch DataLoader with a DistributedSampler; "
+            f"got {type(loader).__name__}: pass a DataLoader (or shard the data yourself and run without torchrun)"
+        )
+    custom_batches = loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler
+    if custom_batches or not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+        kind = type(loader.batch_sampler if custom_batches else loader.sampler).__name__
+        raise ValueError(
+            f"under torchrun the engine cannot shard a DataLoader with a custom {kind}: give it a "
+            "DistributedSampler yourself (DataLoader(..., sampler=DistributedSampler(dataset, ...))) or a "
+            "sampler that yields only this rank's indices, and the engine keeps your loader as it is"
+        )
+    sampler = DistributedSampler(
+        loader.dataset,
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=isinstance(loader.sampler, RandomSampler),
+        seed=seed,
+    )
+    workers = loader.num_workers > 0
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        collate_fn=loader.collate_fn,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor if workers else None,
+        persistent_workers=loader.persistent_workers if workers else False,
+        multiprocessing_context=loader.multiprocessing_context,
+        pin_memory_device=loader.pin_memory_device,
+        in_order=getattr(loader, "in_order", True),
+    )
 
 
 def set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:

@@ -132,9 +132,12 @@ class Engine:
             with self._signals.installed():
                 try:
                     self._emit("before_fit")
+                    self._stop_if_signalled()  # a signal during set-up or resume loading
                     while st.epoch < st.epochs and st.step < st.total_steps and not st.should_stop:
                         self._run_epoch()
+                        self._stop_if_signalled()  # a signal during after_epoch
                     self._emit("after_fit")
+                    self._stop_if_signalled()  # even during after_fit: the run says it was stopped
                 except BaseException as error:
                     self._emit_exception(error)
                     raise
@@ -189,9 +192,7 @@ class Engine:
                     self._signals.received, st.should_stop
                 )
             self._emit("on_save_point", reason="step")
-            if self._signals.received is not None:
-                self._emit("on_save_point", reason="signal")
-                raise TrainingInterrupted(self._signals.received, st.step)
+            self._stop_if_signalled()
         self._emit("after_epoch")
         if exhausted or st.batches_in_epoch >= len(self.train_loader):  # type: ignore[arg-type]
             st.epoch += 1
@@ -199,6 +200,12 @@ class Engine:
         else:  # cut short (max_steps, should_stop): a later fit continues this epoch's data order
             self._position.cut_short(st.batches_in_epoch)
         self._emit("on_save_point", reason="epoch")
+
+    def _stop_if_signalled(self) -> None:
+        """After SIGINT/SIGTERM: a save point (a checkpoint of the last finished step if it lacks one), then stop."""
+        if self._signals.received is not None:
+            self._emit("on_save_point", reason="signal")
+            raise TrainingInterrupted(self._signals.received, self.state.step)
 
     def _train_step(self, micro_batches: list[Any]) -> bool:
         """One optimizer step; False when the non-finite policy skipped it."""

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["FolderBusyError", "atomic_write", "fsync_dir", "lock_folder", "unlock_folder"]
 
 #: Test hook: called with the temporary path just before it replaces the target.
 before_replace: Callable[[Path], None] | None = None
@@ -40,3 +40,50 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+LOCK_FILE = ".enginekit.lock"
+_held: dict[str, list[int]] = {}  # realpath -> [fd, holders in this process]
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the folder's lock: another run is using it."""
+
+
+def lock_folder(folder: str | os.PathLike[str], what: str = "run") -> None:
+    """Take the exclusive lock of ``folder`` (created if missing), or raise :class:`FolderBusyError`
+    naming the holder's pid. An OS lock (``flock``) on ``folder/.enginekit.lock``: the kernel releases
+    it when the process dies, so kill -9 never leaves a stale lock. Re-entrant within a process."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    if key in _held:
+        _held[key][1] += 1
+        return
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderBusyError(
+            f"{folder} is in use by another {what} (pid {holder}); wait for it to end, stop it, or use "
+            "another folder. Nothing was touched"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = [fd, 1]
+
+
+def unlock_folder(folder: str | os.PathLike[str]) -> None:
+    """Release what :func:`lock_folder` took (the last holder in this process closes the lock)."""
+    key = os.path.realpath(folder)
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[key]
+        os.close(entry[0])  # closing the descriptor releases the flock

@@ -11,8 +11,10 @@ batch, a greedy sample after each epoch, a checkpoint after each epoch.
     torchrun --standalone --nproc_per_node=2 examples/pretrain_verdict.py --model tiny
 
 Exit status: 0 done; 1 a training error (bad setting found at fit time, plugin failure,
-corrupt checkpoints); 2 bad command-line arguments; 3 non-finite loss; 130 after SIGINT and
-143 after SIGTERM (a checkpoint of the last finished step was written first).
+corrupt checkpoints, another run using OUT); 2 bad command-line arguments (also an OUT that
+cannot be written); 3 non-finite loss; 4 a checkpoint could not be written (disk full,
+non-finite weights, a second signal during a save: the line says which checkpoint is the newest);
+130 after SIGINT and 143 after SIGTERM (a checkpoint of the last finished step was written first).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import torch
 
 from enginekit import Engine, NonFiniteLossError, PluginError, TrainingInterrupted
 from enginekit.data import verdict_loaders
-from enginekit.files import atomic_write
+from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.gpt import GPT_CONFIG_124M, GPTModel
 from enginekit.plugins import (
     Checkpoint,
     CheckpointError,
+    CheckpointWriteError,
     CosineDecay,
     GradClip,
     LossTracker,
@@ -155,6 +158,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--keep-last", type=count(), default=2, help="checkpoints kept (124M: about 2 GB each)")
     c.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in OUT/checkpoints")
     c.add_argument("--overwrite", action="store_true", help="delete checkpoints of an earlier run in OUT/checkpoints")
+    c.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: apply settings that differ from the checkpoint's run (refused otherwise)",
+    )
     o = p.add_argument_group("switch plugins off")
     for name, what in [
         ("warmup", "LRWarmup"),
@@ -182,23 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = Engine.pick_device(args.device)
     except ValueError as exc:
         p.error(f"--device: {exc}")
-    if int(os.environ.get("RANK", "0")) == 0 and not args.plot_lr:
-        problem = unwritable(args.out)
-        if problem:  # found now, not after training when model.pt cannot be written
-            p.error(f"--out {args.out}: {problem}")
     return args
-
-
-def unwritable(folder: Path) -> str | None:
-    """Why ``folder`` cannot take the run's files, or None (it is created if missing)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        return f"cannot write there ({exc.strerror or exc}); pass a folder you can write to"
-    return None
 
 
 def schedule_plugins(args: argparse.Namespace) -> list[object]:
@@ -234,6 +226,7 @@ def build_plugins(args: argparse.Namespace) -> list[object]:
                 keep_last=args.keep_last,
                 resume=args.resume,
                 overwrite=args.overwrite,
+                allow_changes=args.allow_changes,
             )
         )
     return plugins
@@ -261,6 +254,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot_lr or int(os.environ.get("RANK", "0")) != 0:
+        return train(args)
+    try:  # one run per folder, checked before anything is built, found now and not when model.pt is written
+        lock_folder(args.out)
+    except FolderBusyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(
+            f"error: --out {args.out}: cannot write there ({exc.strerror or exc}); pass a folder you can write to",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return train(args)
+    finally:
+        unlock_folder(args.out)
+
+
+def train(args: argparse.Namespace) -> int:
     cfg = CONFIGS[args.model]
     main_process = int(os.environ.get("RANK", "0")) == 0
     if args.resume and args.no_checkpoint:
@@ -306,6 +319,9 @@ def run(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as exc:  # nothing was saved for that moment: say so in the status too
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     except (ValueError, PluginError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

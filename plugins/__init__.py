@@ -1,6 +1,6 @@
 """enginekit's built-in plugins, one per module, each with its formula as a pure function."""
 
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, CheckpointWriteError
 from .cosine_decay import CosineDecay, cosine_lr
 from .early_stopping import EarlyStopping
 from .grad_clip import GradClip
@@ -12,6 +12,7 @@ from .sample_text import SampleText
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWriteError",
     "CosineDecay",
     "EarlyStopping",
     "GradClip",

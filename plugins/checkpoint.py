@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import inspect
 import os
 import re
+import shutil
+import stat
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -12,7 +16,7 @@ from typing import Any, BinaryIO
 import torch
 
 from enginekit.engine import Engine
-from enginekit.files import atomic_write
+from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.hookspec import hookimpl
 
 FORMAT = "enginekit-checkpoint"
@@ -30,6 +34,11 @@ class CheckpointError(RuntimeError):
     def __init__(self, message: str, details: list[str] | None = None) -> None:
         super().__init__(message)
         self.details = details or []
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions, interrupted, non-finite weights):
+    nothing was saved for that moment, and the message says which checkpoint is the newest on disk."""
 
 
 class _HashingWriter:
@@ -75,6 +84,16 @@ class Checkpoint:
             lacks state for one that is, is an error; ``False`` accepts it with a warning line.
         overwrite: with ``resume=False``, a folder that already holds checkpoints is an error
             (they belong to another run); ``True`` deletes them first.
+        allow_changes: resuming with other settings than the checkpoint's run (the engine's, the
+            plan facts, the optimizer's hyper-parameters, any plugin's constructor settings) is an
+            error listing every difference; ``True`` applies the new ones from the resumed step on
+            and prints each once.
+
+    One run per folder: ``fit`` holds an OS lock on ``dir`` (``.enginekit.lock``), so a second run
+    pointed at it refuses at once, naming the holder's pid, before touching anything; the kernel
+    drops the lock when the process dies. A save that fails (disk full, permissions, a second
+    signal, non-finite weights) raises :class:`CheckpointWriteError` saying why in plain words and
+    which checkpoint is the newest on disk.
 
     Saves happen in ``on_save_point``, which the engine emits after every implementation of
     ``after_step`` / ``after_epoch`` has returned, so a checkpoint holds every other plugin's
@@ -96,6 +115,7 @@ class Checkpoint:
         *,
         strict_plugins: bool = True,
         overwrite: bool = False,
+        allow_changes: bool = False,
     ) -> None:
         if every_steps is not None and (
             isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1
@@ -110,13 +130,24 @@ class Checkpoint:
         self.resume = resume
         self.strict_plugins = strict_plugins
         self.overwrite = overwrite
+        self.allow_changes = allow_changes
         self.last_saved: int | None = None
         self.resumed_from: Path | None = None
+        self._locked = False
 
     # ------------------------------------------------------------------ hooks
 
     @hookimpl(wrapper=True)
     def before_fit(self, engine: Engine) -> Generator[None, Any, Any]:
+        busy = None
+        if engine.state.is_main:  # one run per folder, before anything in it is touched
+            try:
+                lock_folder(self.dir, "run's Checkpoint")
+                self._locked = True
+            except FolderBusyError as exc:
+                busy = str(exc)
+        if not engine.all_true(busy is None):
+            raise CheckpointError(busy or f"{self.dir} is in use by another run (rank 0 could not lock it)")
         result = yield  # every other plugin sets up first; restored state then wins over it
         problem = None
         if engine.state.is_main:
@@ -124,7 +155,7 @@ class Checkpoint:
             for leftover in self.dir.glob(".ckpt-*.tmp"):
                 leftover.unlink()  # an interrupted write; the checkpoint it would have replaced is intact
             existing = self.checkpoints()
-            if existing and not self.resume:
+            if existing and not self.resume and self.last_saved is None:  # not ours: another run's
                 if self.overwrite:
                     for old in existing:
                         _remove(old)
@@ -141,12 +172,25 @@ class Checkpoint:
         return result
 
     @hookimpl
+    def after_fit(self, engine: Engine) -> None:
+        self._unlock()
+
+    @hookimpl
+    def on_exception(self, engine: Engine, error: BaseException) -> None:
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._locked:
+            unlock_folder(self.dir)
+            self._locked = False
+
+    @hookimpl
     def on_save_point(self, engine: Engine, reason: str) -> None:
         st = engine.state
         if reason == "epoch":
             due = self.every_epoch
-        elif reason == "signal":
-            due = self.last_saved != st.step  # nothing changed since a save of this step
+        elif reason == "signal":  # the last finished step, unless it is saved already or there is none
+            due = self.last_saved != st.step and st.step > 0
         else:
             epoch_save_follows = self.every_epoch and (
                 st.should_stop or st.step_in_epoch >= st.steps_per_epoch or st.step >= st.total_steps
@@ -167,18 +211,54 @@ class Checkpoint:
         state = engine.state_dict()
         path = self.dir / f"ckpt-{state['step']:08d}.pt"
         error: BaseException | None = None
+        nonfinite = _first_nonfinite(_unwrap(engine.model))
+        if nonfinite is not None:
+            raise CheckpointWriteError(
+                f"refusing to write {path.name}: the model's weights hold NaN or inf after step {state['step']} "
+                f"(first: {nonfinite}), so nothing of this state is saved; {self._newest_line()}. The update "
+                "that poisoned them came from a finite loss: check the learning rate and the data"
+            )
         if engine.state.is_main:
             try:
-                self._write(engine, path, state)
+                lock_folder(self.dir, "run's Checkpoint")  # re-entrant; re-taken for a save after after_fit
+                try:
+                    self._write(engine, path, state)
+                finally:
+                    unlock_folder(self.dir)
+            except FolderBusyError as exc:
+                error = CheckpointWriteError(f"could not write {path.name}: {exc}")
             except BaseException as exc:  # the other ranks must not wait forever for rank 0
-                error = exc
+                error = self._write_error(path, exc)
         ok = engine.all_true(error is None)
         if error is not None:
             raise error
         if not ok:
-            raise CheckpointError(f"rank 0 failed to write {path.name}")
+            raise CheckpointWriteError(f"rank 0 failed to write {path.name}; {self._newest_line()}")
         self.last_saved = state["step"]
         return path
+
+    def _newest_line(self) -> str:
+        newest = next((p for p in self.checkpoints() if self.verify(p) is None), None)
+        return f"the newest checkpoint on disk is {newest.name}" if newest else "no checkpoint is on disk yet"
+
+    def _write_error(self, path: Path, exc: BaseException) -> BaseException:
+        """Plain words for a failed write, whatever torch's own message was."""
+        if isinstance(exc, KeyboardInterrupt):
+            cause = "interrupted by a second signal"
+        else:
+            needs = _estimated_size(self)
+            free = shutil.disk_usage(self.dir).free
+            if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (needs is not None and free < needs):
+                needed = f"needs ~{needs / 2**20:,.0f} MB" if needs is not None else "needs more"
+                cause = f"no space left on device ({needed}, {free / 2**20:,.0f} MB free)"
+            elif isinstance(exc, OSError):
+                cause = f"{exc.strerror or exc} ({type(exc).__name__})"
+            else:
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                cause = f"{type(exc).__name__}: {first}"
+        error = CheckpointWriteError(f"could not write {path.name}: {cause}; {self._newest_line()}")
+        error.__cause__ = exc
+        return error
 
     def _write(self, engine: Engine, path: Path, state: dict[str, Any]) -> None:
         payload = {
@@ -188,6 +268,7 @@ class Checkpoint:
             "optimizer": engine.optimizer.state_dict(),
             "engine": state,
             "plugins": self._plugin_states(engine),
+            "settings": run_settings(engine, skip=self),
         }
         digest: list[str] = []
 
@@ -274,6 +355,12 @@ class Checkpoint:
         candidates = self.checkpoints()
         problems = []
         for path in candidates:
+            odd = _not_a_checkpoint_file(path)
+            if odd is not None:
+                problems.append(f"{path.name}: {odd}")
+                message = f"Checkpoint: skipping {path.name}: {odd}; trying the previous one"
+                engine.print(message) if engine is not None else print(message)
+                continue
             try:
                 # RNG states must stay CPU tensors; load_state_dict moves model and optimizer tensors
                 return path, self.load(path, map_location="cpu")
@@ -286,6 +373,32 @@ class Checkpoint:
                 f"no valid checkpoint in {self.dir} ({len(candidates)} found, none verifies): " + "; ".join(problems)
             )
         return None
+
+    def _check_settings(
+        self, engine: Engine, path: Path, saved: dict[str, Any] | None, accepted: list[str]
+    ) -> list[str]:
+        """Every setting that differs from the checkpoint's run: refused, or listed once when allowed.
+        Plugins whose presence ``strict_plugins=False`` already accepted are not compared."""
+        if saved is None:
+            return []
+        now = run_settings(engine, skip=self)
+        saved = {k: v for k, v in saved.items() if k.split(".", 1)[0] not in accepted}
+        now = {k: v for k, v in now.items() if k.split(".", 1)[0] not in accepted}
+        changes = [
+            f"{key}: {saved.get(key, '(not set)')!r} in the checkpoint, {now.get(key, '(not set)')!r} now"
+            for key in sorted(set(saved) | set(now))
+            if saved.get(key) != now.get(key)
+        ]
+        if changes and not self.allow_changes:
+            raise CheckpointError(
+                f"{path.name} was written by a run with other settings ({len(changes)} difference(s)): "
+                + "; ".join(changes)
+                + ". Resume with the same settings, or pass Checkpoint(..., allow_changes=True) "
+                "(the example: --allow-changes) to apply the new ones from here on"
+            )
+        for change in changes:
+            engine.print(f"Checkpoint: resuming with a changed setting, applied from here on: {change}")
+        return changes
 
     def _resume(self, engine: Engine) -> None:
         found = self.load_latest(engine)
@@ -317,8 +430,19 @@ class Checkpoint:
                 )
             engine.print(f"Checkpoint: warning: {message}; resuming anyway (strict_plugins=False)")
         _check_same_model(path, _unwrap(engine.model).state_dict(), payload["model"])
+        changes = self._check_settings(engine, path, payload.get("settings"), accepted=unknown + missing)
+        position, per_epoch = payload["engine"]["batches_in_epoch"], len(engine.train_loader)  # type: ignore[arg-type]
+        if position > per_epoch:
+            raise CheckpointError(
+                f"{path.name} stands at micro-batch {position} of an epoch, but this run's training loader has "
+                f"only {per_epoch} per epoch (other data or batch size?); resume with the same data and batch size"
+            )
+        current_groups = [dict(g) for g in engine.optimizer.param_groups]
         _unwrap(engine.model).load_state_dict(payload["model"])
         engine.optimizer.load_state_dict(payload["optimizer"])
+        if changes:  # allowed: this run's optimizer hyper-parameters win over the checkpoint's
+            for group, current in zip(engine.optimizer.param_groups, current_groups):
+                group.update({k: v for k, v in current.items() if k not in ("params", "lr")})
         for name, plugin in stateful.items():
             if name in saved:
                 plugin.load_state_dict(saved[name])
@@ -326,6 +450,50 @@ class Checkpoint:
         self.last_saved = payload["engine"]["step"]
         self.resumed_from = path
         engine.print(f"Checkpoint: resumed from {path.name} (step {engine.state.step}, epoch {engine.state.epoch + 1})")
+
+
+_IMPLEMENTATION_KEYS = {"params", "lr", "foreach", "fused", "capturable", "differentiable"}
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (bool, int, float, str, type(None)))
+
+
+def run_settings(engine: Engine, skip: object = None) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint, as plain values:
+    the engine's settings and plan facts, the optimizer's hyper-parameters (not its scheduled lr),
+    and every plugin's constructor settings (read from attributes of the same name; paths and
+    objects are left out: a copied run folder is not a change)."""
+    st = engine.state
+    settings: dict[str, Any] = {
+        "engine.precision": engine.precision,
+        "engine.grad_accum_steps": engine.grad_accum_steps,
+        "engine.train batches per epoch": len(engine.train_loader),  # type: ignore[arg-type]
+        "engine.train batch size": getattr(engine.train_loader, "batch_size", None),
+        "plan.warmup_steps": st.warmup_steps,
+        "plan.peak_lrs": list(st.peak_lrs),
+        "plan.lr_decay": st.lr_decay,
+    }
+    if st.lr_decay is not None:  # a decay plans against the run's length; without one a run may grow
+        settings["plan.total_steps"] = st.total_steps
+    for i, group in enumerate(engine.optimizer.param_groups):
+        for key, value in group.items():
+            if key not in _IMPLEMENTATION_KEYS and _plain(value):
+                settings[f"optimizer.group{i}.{key}"] = list(value) if isinstance(value, tuple) else value
+    for name, plugin in engine.plugins.items():
+        if plugin is skip:
+            continue
+        try:
+            params = inspect.signature(type(plugin).__init__).parameters
+        except (TypeError, ValueError):
+            continue
+        for param in params:
+            value = getattr(plugin, param, None)
+            if param != "self" and hasattr(plugin, param) and _plain(value):
+                settings[f"{name}.{param}"] = list(value) if isinstance(value, tuple) else value
+    return settings
 
 
 def _check_same_model(path: Path, own: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -344,6 +512,37 @@ def _check_same_model(path: Path, own: dict[str, Any], saved: dict[str, Any]) ->
             "(CheckpointError.details lists every difference)",
             details,
         )
+
+
+def _not_a_checkpoint_file(path: Path) -> str | None:
+    """Why ``path`` is not even a candidate (a device, a folder, a link to one, an empty file), or None."""
+    try:
+        info = path.stat()  # follows a symlink: what matters is what would be read
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size < 22:  # smaller than the end record of any zip archive
+        return f"{info.st_size} bytes, too small to be a checkpoint"
+    return None
+
+
+def _first_nonfinite(model: torch.nn.Module) -> str | None:
+    """Name of the first parameter holding NaN or inf, or None (one reduction per tensor)."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            return name
+    return None
+
+
+def _estimated_size(ckpt: Checkpoint) -> int | None:
+    """What the next checkpoint will take on disk: the size of the newest one, if any."""
+    for path in ckpt.checkpoints():
+        try:
+            return path.stat().st_size
+        except OSError:
+            continue
+    return None
 
 
 def _remove(checkpoint: Path) -> None:

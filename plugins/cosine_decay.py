@@ -27,7 +27,8 @@ class CosineDecay:
     is registered, built-in or not; 0 without one, so alone it decays from step 0) to
     ``engine.state.total_steps``: with a warmup, in either registration order, the D.2 curve.
     It publishes ``engine.state.lr_decay`` in ``before_fit``, so a warmup knows not to hold the
-    peak.
+    peak. It keeps no state of its own: a resumed run's plan is checked against the checkpoint's
+    by :class:`Checkpoint`.
 
     Args:
         min_lr: learning rate the cosine approaches at the end of the run (>= 0).
@@ -46,7 +47,6 @@ class CosineDecay:
         self.plan: dict[str, Any] = {}
         self._published_peaks: list[float] | None = None
         self._first_step = True
-        self._saved: dict[str, Any] | None = None
 
     @hookimpl
     def before_fit(self, engine: Engine) -> None:
@@ -61,14 +61,14 @@ class CosineDecay:
         self._published_peaks = None
         if self.peak_lr is not None:
             self._published_peaks = st.peak_lrs = [float(self.peak_lr)] * len(engine.optimizer.param_groups)
-        self._first_step, self._saved = True, None
+        self._first_step = True
 
     @hookimpl
     def before_step(self, engine: Engine, batch: Any) -> None:
         st = engine.state
-        if self._first_step:  # the other plugins' facts (and a resumed state) are final now
+        if self._first_step:  # the other plugins' facts are final now
             self._validate(st.warmup_steps, st.total_steps, st.peak_lrs)
-            self._first_step, self._saved = False, None
+            self._first_step = False
         step, warmup = st.step, st.warmup_steps
         if step >= warmup:
             for group, peak in zip(engine.optimizer.param_groups, st.peak_lrs):
@@ -83,27 +83,4 @@ class CosineDecay:
         for peak in peak_lrs:
             if self.min_lr > peak:
                 raise ValueError(f"CosineDecay: min_lr ({self.min_lr}) exceeds the peak lr ({peak})")
-        plan = {"warmup_steps": warmup_steps, "total_steps": total_steps, "peak_lrs": list(peak_lrs)}
-        saved = self._saved
-        if saved is not None and saved != plan:
-            raise ValueError(
-                f"CosineDecay: the checkpoint's run decays over steps {saved['warmup_steps']}-{saved['total_steps']} "
-                f"from {saved['peak_lrs']}, this run over {warmup_steps}-{total_steps} from {list(peak_lrs)}; "
-                "resume with the same epochs/max_steps, warmup and learning rate"
-            )
-        self.plan = plan
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.plan)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Checked at the next step, when every plugin's plan for this fit is known.
-        self._saved = (
-            None
-            if not state
-            else {
-                "warmup_steps": int(state["warmup_steps"]),
-                "total_steps": int(state["total_steps"]),
-                "peak_lrs": [float(x) for x in state["peak_lrs"]],
-            }
-        )
+        self.plan = {"warmup_steps": warmup_steps, "total_steps": total_steps, "peak_lrs": list(peak_lrs)}

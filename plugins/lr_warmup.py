@@ -31,7 +31,9 @@ class LRWarmup:
 
     It owns the plan fact ``engine.state.warmup_steps`` (and ``peak_lrs`` when ``peak_lr`` is
     given), published in ``before_fit``: decays start after it and ``GradClip("after_warmup")``
-    clips from it, without knowing this plugin. After warmup it holds the peak, unless a decay
+    clips from it, without knowing this plugin. It keeps no state of its own: a resumed run's
+    plan (``warmup_steps``, ``peak_lrs``) is checked against the checkpoint's by
+    :class:`Checkpoint`. After warmup it holds the peak, unless a decay
     schedule has published ``engine.state.lr_decay`` (such as :class:`CosineDecay`), which
     then owns those steps.
     """
@@ -65,7 +67,6 @@ class LRWarmup:
         self.peak_lrs: list[float] = []
         self._published_peaks: list[float] | None = None
         self._first_step = True
-        self._saved: dict[str, Any] | None = None
 
     def resolve_steps(self, total_steps: int) -> int:
         """Warmup length for a run of ``total_steps``, validated against it."""
@@ -89,14 +90,14 @@ class LRWarmup:
         self._published_peaks = None
         if self.peak_lr is not None:
             self._published_peaks = st.peak_lrs = [float(self.peak_lr)] * len(engine.optimizer.param_groups)
-        self._first_step, self._saved = True, None
+        self._first_step = True
 
     @hookimpl
     def before_step(self, engine: Engine, batch: Any) -> None:
         st = engine.state
-        if self._first_step:  # the other plugins' facts (and a resumed state) are final now
-            self._validate(st.peak_lrs, self._saved)
-            self.peak_lrs, self._first_step, self._saved = list(st.peak_lrs), False, None
+        if self._first_step:  # the other plugins' facts are final now
+            self._validate(st.peak_lrs)
+            self.peak_lrs, self._first_step = list(st.peak_lrs), False
         step = st.step
         if step < self.resolved_steps:
             lrs = [warmup_lr(step, self.resolved_steps, self.initial_lr, peak) for peak in st.peak_lrs]
@@ -107,7 +108,7 @@ class LRWarmup:
         for group, lr in zip(engine.optimizer.param_groups, lrs):
             group["lr"] = lr
 
-    def _validate(self, peak_lrs: list[float], saved: dict[str, Any] | None) -> None:
+    def _validate(self, peak_lrs: list[float]) -> None:
         if self._published_peaks is not None and peak_lrs != self._published_peaks:
             raise ValueError(
                 f"LRWarmup: peak_lr ({self.peak_lr}) differs from the peak another plugin published "
@@ -116,18 +117,3 @@ class LRWarmup:
         for peak in peak_lrs:
             if self.initial_lr > peak:
                 raise ValueError(f"LRWarmup: initial_lr ({self.initial_lr}) exceeds the peak lr ({peak})")
-        if saved is not None and (
-            saved["warmup_steps"] != self.resolved_steps or (saved["peak_lrs"] and saved["peak_lrs"] != peak_lrs)
-        ):
-            raise ValueError(
-                f"LRWarmup: the checkpoint's run warms up for {saved['warmup_steps']} steps to {saved['peak_lrs']}, "
-                f"this run for {self.resolved_steps} steps to {peak_lrs}; resume with the same warmup, "
-                "run length and learning rate"
-            )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"warmup_steps": self.resolved_steps, "peak_lrs": list(self.peak_lrs)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Checked at the next step, when every plugin's plan for this fit is known.
-        self._saved = {"warmup_steps": int(state["warmup_steps"]), "peak_lrs": [float(x) for x in state["peak_lrs"]]}

@@ -37,11 +37,11 @@ class KillAt:
     """SIGKILLs its own process at the start of step ``step``: a crash with no chance to clean up."""
 
     def __init__(self, step: int) -> None:
-        self.step = step
+        self.kill_step = step  # not named like the parameter: a crash injector is not a run setting
 
     @hookimpl
     def before_step(self, engine, batch):
-        if engine.state.step == self.step:
+        if engine.state.step == self.kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
 

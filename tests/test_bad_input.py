@@ -71,9 +71,7 @@ def test_command_line(cli, tmp_path, capsys, argv, status, line):
 def test_an_out_that_is_a_file_is_refused_before_training(cli, tmp_path, capsys):
     out = tmp_path / "taken"
     out.write_text("not a folder")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--model", "tiny", "--no-checkpoint", "--out", str(out)])
-    assert exit_info.value.code == 2
+    assert cli.main(["--model", "tiny", "--no-checkpoint", "--out", str(out)]) == 2
     assert f"--out {out}: cannot write there" in capsys.readouterr().err
 
 

@@ -224,6 +224,7 @@ def test_keep_last_prunes_only_older_checkpoints(tmp_path):
     folder = tmp_path / "ck"
     drive(Checkpoint(folder, every_steps=1, keep_last=2), steps_per_epoch=5)
     assert sorted(p.name for p in folder.iterdir()) == [
+        ".enginekit.lock",  # the run lock: released when fit ends, the file stays
         "ckpt-00000004.pt",
         "ckpt-00000004.pt.sha256",
         "ckpt-00000005.pt",
@@ -386,7 +387,9 @@ def test_resuming_with_another_run_length_is_an_error_naming_both(tmp_path):
 
     drive([CosineDecay(min_lr=0.0), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=4, max_steps=4)
     engine = make_engine([CosineDecay(min_lr=0.0), Checkpoint(tmp_path, resume=True)], steps_per_epoch=4)
-    with pytest.raises(ValueError, match="decays over steps 0-4 from \\[0.001\\], this run over 0-8"):
+    with pytest.raises(
+        CheckpointError, match="other settings \\(1 difference\\(s\\)\\): plan.total_steps: 4 in the checkpoint, 8 now"
+    ):
         engine.fit(epochs=2)
 
 
@@ -396,7 +399,7 @@ def test_unreadable_checkpoint_is_reported_and_the_previous_one_used(two_checkpo
     newest.mkdir()  # something that exists but cannot be read as a file
     resume_engine(two_checkpoints)
     out = capsys.readouterr().out
-    assert "skipping ckpt-00000006.pt: unreadable: IsADirectoryError" in out
+    assert "skipping ckpt-00000006.pt: not a regular file" in out
     assert "resumed from ckpt-00000003.pt" in out
 
 
@@ -406,3 +409,223 @@ def test_skip_policy_leaves_the_optimizer_state_unchanged():
     engine.fit()
     adam_steps = [float(s["step"]) for s in engine.optimizer.state.values()]
     assert engine.state.step == 5 and adam_steps == [5.0]  # 6 batches, one skipped: 5 updates, not 6
+
+
+# ---------------------------------------------------------------- nothing lost, nothing mixed (issue 12)
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """Another process holding the folder's run lock, killed -9 at the end."""
+    folder = tmp_path / "busy"
+    code = (
+        "import sys, time; from enginekit.files import lock_folder; "
+        f"lock_folder({str(folder)!r}); print('locked', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    yield folder, proc
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_a_second_run_on_a_locked_folder_refuses_at_once_touching_nothing(lock_holder):
+    folder, holder = lock_holder
+    (folder / ".ckpt-00000026.pt.999.tmp").write_bytes(b"the running job's write")
+    (folder / "ckpt-00000024.pt").write_bytes(b"x" * 100)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    for kwargs in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(CheckpointError, match=f"in use by another run's Checkpoint \\(pid {holder.pid}\\)"):
+            drive(Checkpoint(folder, **kwargs), steps_per_epoch=2)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+    holder.kill()  # kill -9: the kernel drops the lock, no stale lock is left behind
+    holder.wait(timeout=30)
+    drive(Checkpoint(folder, overwrite=True), steps_per_epoch=2)
+    assert [p.name for p in Checkpoint(folder).checkpoints()] == ["ckpt-00000002.pt"]
+
+
+def failing_save(message: str):
+    def save(*args, **kwargs):
+        raise RuntimeError(message)
+
+    return save
+
+
+def test_a_full_disk_is_said_in_plain_words_and_never_reported_as_saved(tmp_path, monkeypatch):
+    from enginekit.plugins import CheckpointWriteError
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    engine = make_engine([Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=6)
+    engine.fit(max_steps=2)
+    size = (tmp_path / "ckpt-00000002.pt").stat().st_size
+    monkeypatch.setattr(
+        ckpt_module.torch, "save", failing_save("[enforce fail at inline_container.cc:672] unexpected pos")
+    )
+    monkeypatch.setattr(ckpt_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, size // 2))
+    with pytest.raises(CheckpointWriteError) as info:
+        engine.fit(max_steps=4)
+    message = str(info.value)
+    assert "could not write ckpt-00000004.pt: no space left on device (needs ~" in message
+    assert "inline_container" not in message and "the newest checkpoint on disk is ckpt-00000002.pt" in message
+    assert not list(tmp_path.glob(".ckpt-*.tmp")) and not (tmp_path / "ckpt-00000004.pt").exists()
+
+
+def test_a_failed_save_on_sigterm_ends_with_the_failure_not_with_saved(tmp_path, monkeypatch):
+    from enginekit.plugins import CheckpointWriteError
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    class Term:
+        @hookimpl
+        def after_backward(self, engine):
+            if engine.state.step == 1:
+                signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(ckpt_module.torch, "save", failing_save("Permission denied"))
+    with pytest.raises(CheckpointWriteError, match="could not write ckpt-00000002.pt: RuntimeError: Permission denied"):
+        drive([Term(), Checkpoint(tmp_path)], steps_per_epoch=6)
+
+
+def test_a_second_signal_during_a_save_abandons_it_and_says_so(tmp_path, monkeypatch):
+    from enginekit.plugins import CheckpointWriteError
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    def interrupted(self, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_module._HashingWriter, "write", interrupted)
+    with pytest.raises(CheckpointWriteError, match="could not write ckpt-00000003.pt: interrupted by a second signal"):
+        drive(Checkpoint(tmp_path), steps_per_epoch=3)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".ckpt-*.tmp"))
+
+
+def test_non_finite_weights_are_never_checkpointed_and_the_message_is_true(tmp_path):
+    from enginekit.plugins import CheckpointWriteError
+
+    class Poison:  # what lr=nan did: a finite loss, then an update that turns the weights to NaN
+        @hookimpl
+        def after_step(self, engine, loss):
+            if engine.state.step == 3:
+                with torch.no_grad():
+                    next(engine.model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(CheckpointWriteError) as info:
+        drive([Poison(), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=6)
+    message = str(info.value)
+    assert "refusing to write ckpt-00000004.pt: the model's weights hold NaN or inf after step 4" in message
+    assert "the newest checkpoint on disk is ckpt-00000002.pt" in message
+    assert [p.name for p in Checkpoint(tmp_path).checkpoints()] == ["ckpt-00000002.pt"]
+
+
+def resume_with(tmp_path, plugins, **engine_kwargs):
+    engine = make_engine(plugins, steps_per_epoch=4, **engine_kwargs)
+    engine.fit(epochs=2)
+    return engine
+
+
+def test_resume_with_other_settings_lists_every_difference_and_refuses(tmp_path):
+    from enginekit.plugins import GradClip
+
+    drive([GradClip(max_norm=1.0), Checkpoint(tmp_path)], epochs=2, steps_per_epoch=4, max_steps=4)
+    engine = make_engine([GradClip(max_norm=0.5), Checkpoint(tmp_path, resume=True)], steps_per_epoch=4, lr=0.01)
+    with pytest.raises(CheckpointError) as info:
+        engine.fit(epochs=2)
+    message = str(info.value)
+    assert "other settings (3 difference(s))" in message
+    assert "grad_clip.max_norm: 1.0 in the checkpoint, 0.5 now" in message
+    assert "optimizer.group0.initial_lr: 0.001 in the checkpoint, 0.01 now" in message
+    assert "plan.peak_lrs: [0.001] in the checkpoint, [0.01] now" in message
+    assert "allow_changes=True" in message and "\n" not in message
+
+
+def test_resume_with_allowed_changes_applies_them_and_says_each_once(tmp_path, capsys):
+    from enginekit.plugins import GradClip
+
+    drive([Checkpoint(tmp_path)], epochs=2, steps_per_epoch=4, max_steps=4)
+    engine = make_engine([Checkpoint(tmp_path, resume=True, allow_changes=True)], steps_per_epoch=4)
+    engine.optimizer.param_groups[0]["weight_decay"] = 0.5
+    engine.register(GradClip(max_norm=0.5))
+    engine.fit(epochs=2)
+    out = capsys.readouterr().out
+    assert out.count("resuming with a changed setting, applied from here on: grad_clip.max_norm: '(not set)'") == 1
+    assert out.count("optimizer.group0.weight_decay: 0 in the checkpoint, 0.5 now") == 1
+    assert engine.optimizer.param_groups[0]["weight_decay"] == 0.5  # this run's value, not the checkpoint's
+
+
+def test_a_data_position_outside_the_loader_is_a_clear_error(tmp_path):
+    drive([Checkpoint(tmp_path, every_steps=3, every_epoch=False)], steps_per_epoch=4, max_steps=3, batch_size=1)
+    engine = make_engine([Checkpoint(tmp_path, resume=True, allow_changes=True)], steps_per_epoch=2, batch_size=2)
+    with pytest.raises(
+        CheckpointError, match="stands at micro-batch 3 of an epoch, but this run's training loader has only 2"
+    ):
+        engine.fit()
+
+
+@pytest.mark.parametrize("hook", ["before_fit", "after_epoch", "after_fit"])
+def test_a_signal_at_any_moment_of_fit_ends_with_143_and_a_checkpoint(tmp_path, hook):
+    from enginekit import TrainingInterrupted
+
+    def term(self, engine):
+        if hook != "after_epoch" or engine.state.epoch == engine.state.epochs - 1:  # the last epoch's
+            signal.raise_signal(signal.SIGTERM)
+
+    Term = type("Term", (), {hook: hookimpl(term)})
+    steps = 0 if hook == "before_fit" else 6
+    with pytest.raises(TrainingInterrupted) as info:
+        drive([Term(), Checkpoint(tmp_path, every_epoch=False)], epochs=2, steps_per_epoch=3)
+    assert info.value.code == 143 and info.value.step == steps
+    expected = [] if steps == 0 else [f"ckpt-{steps:08d}.pt"]  # the last finished step, saved on the signal
+    assert [p.name for p in Checkpoint(tmp_path).checkpoints()] == expected
+
+
+def test_a_symlink_to_a_device_is_skipped_with_a_line_not_read(tmp_path, capsys):
+    drive(Checkpoint(tmp_path, every_steps=2), steps_per_epoch=4)
+    (tmp_path / "ckpt-00000099.pt").symlink_to("/dev/zero")
+    (tmp_path / "ckpt-00000099.pt.sha256").write_text("0" * 64 + "  ckpt-00000099.pt\n")
+    start = time.perf_counter()
+    engine = make_engine([Checkpoint(tmp_path, resume=True)], steps_per_epoch=4)
+    engine.fit(epochs=2)
+    assert time.perf_counter() - start < 30
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000099.pt: not a regular file" in out and "resumed from ckpt-00000004.pt" in out
+
+
+def test_evaluation_and_sampling_restore_train_mode_after_an_error(tiny_cfg):
+    from enginekit.gpt import GPTModel
+    from enginekit.plugins import SampleText
+
+    engine = make_engine(steps_per_epoch=2)
+
+    def broken(out, targets):
+        raise RuntimeError("loss exploded")
+
+    engine.loss_fn = broken
+    with pytest.raises(RuntimeError, match="loss exploded"):
+        engine.evaluate(engine.train_loader, 1)
+    assert engine.model.training
+    gpt = GPTModel(tiny_cfg)
+
+    class BrokenTokenizer:
+        def encode(self, *args, **kwargs):
+            raise RuntimeError("no tokens")
+
+    engine.model = gpt
+    with pytest.raises(RuntimeError, match="no tokens"):
+        SampleText(tokenizer=BrokenTokenizer()).after_epoch(engine)
+    assert gpt.training
+
+
+def test_a_cut_short_fits_position_does_not_leak_into_a_resumed_one(tmp_path):
+    reference = make_engine([Checkpoint(tmp_path / "a", every_epoch=True)], steps_per_epoch=4, lr=0.05)
+    reference.fit(epochs=2)
+    engine = make_engine([Checkpoint(tmp_path / "b", every_epoch=True)], steps_per_epoch=4, lr=0.05)
+    engine.fit(epochs=1)
+    (tmp_path / "c").mkdir()
+    for f in (tmp_path / "b").glob("ckpt-00000004.pt*"):
+        shutil.copy(f, tmp_path / "c" / f.name)
+    cut = make_engine([Checkpoint(tmp_path / "c", resume=True)], steps_per_epoch=4, lr=0.05)
+    cut.fit(epochs=2, max_steps=6)  # stops mid-epoch: a pending position for a later fit in this engine
+    cut.plugins["checkpoint"].resume = True  # ...but the next fit resumes from the epoch-end checkpoint
+    for f in (tmp_path / "c").glob("ckpt-0000000[56].pt*"):
+        f.unlink()
+    cut.fit(epochs=2)
+    assert all(torch.equal(a, b) for a, b in zip(cut.model.parameters(), reference.model.parameters()))

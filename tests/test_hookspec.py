@@ -110,11 +110,11 @@ class Dice:
 
 class Sigterm:
     def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
+        self.when = at_step  # not named like the parameter: a fault injector is not a run setting
 
     @hookimpl
     def after_backward(self, engine):
-        if engine.state.step == self.at_step:
+        if engine.state.step == self.when:
             signal.raise_signal(signal.SIGTERM)
 
 
