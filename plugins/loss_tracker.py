@@ -89,11 +89,11 @@ class LossTracker:
             self._write(engine, row)
         return result
 
-    def _write(self, engine: Engine, record: dict[str, Any]) -> None:
+    def _write(self, engine: Engine, record: dict[str, Any] | None) -> None:
         if self.out_dir is None or not engine.state.is_main:
             return
         path = self.out_dir / METRICS_FILE
-        if self._rewrite:
+        if self._rewrite or record is None:
             # A fresh or resumed run rewrites the file from memory, dropping rows of lost steps.
             rows = "".join(json.dumps(r) + "\n" for r in self.records).encode()
             atomic_write(path, lambda f: f.write(rows))
@@ -104,6 +104,8 @@ class LossTracker:
 
     @hookimpl
     def after_fit(self, engine: Engine) -> None:
+        if self._rewrite and self.records:  # a resumed run with no new row: the file may hold rows of lost steps
+            self._write(engine, None)
         if self.out_dir is None or not engine.state.is_main or not self.records:
             return
         try:
