@@ -144,6 +144,16 @@ class Distributed:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return bool(value.item())
 
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank; every rank must call it."""
+        if self.ddp is None:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, obj: Any, world_size: int) -> list[Any]:
         """Every rank's ``obj``, by rank."""
         if self.ddp is None:

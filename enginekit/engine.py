@@ -313,6 +313,10 @@ class Engine:
         """True when ``flag`` is true on every rank; every rank must call it (outside torchrun: ``flag``)."""
         return self._dist.all_true(flag)
 
+    def broadcast_from_main(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank; every rank must call it (outside torchrun: ``obj``)."""
+        return self._dist.broadcast(obj)
+
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:

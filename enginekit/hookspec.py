@@ -12,7 +12,8 @@ One ``fit`` call emits, in this order::
         after_step(engine, loss)            the step is done
           after_evaluate(engine, metrics)   whenever a plugin evaluates (inside the step's hooks)
         on_save_point(engine, "step")       the step's work is all done: persist it
-        [after SIGINT/SIGTERM: on_save_point(engine, "signal"), then on_exception]
+        [after SIGINT/SIGTERM: on_save_point(engine, "signal"), then on_exception; the same
+         after before_fit, after_epoch or after_fit when the signal came during them]
       after_epoch(engine)
       on_save_point(engine, "epoch")        the epoch's work is all done
     after_fit(engine)
@@ -152,8 +153,10 @@ def on_save_point(engine: Engine, reason: str) -> None:
 
     ``reason`` is ``"step"`` (after every implementation of ``after_step`` of each finished
     step, wrappers included), ``"epoch"`` (after every implementation of ``after_epoch``, the
-    counters already at the next epoch), or ``"signal"`` (after SIGINT/SIGTERM, once the last
-    step's work is done, just before :class:`~enginekit.TrainingInterrupted` is raised).
+    counters already at the next epoch), or ``"signal"`` (after SIGINT/SIGTERM, at the first
+    moment the state is consistent: after the step in progress, after ``before_fit`` (resume
+    loading included), after ``after_epoch`` or after ``after_fit``; just before
+    :class:`~enginekit.TrainingInterrupted` is raised).
 
     Guaranteed: ``engine.state.step`` counts finished steps; every other plugin's work for the
     moment is done, whatever ``tryfirst``/``trylast`` they use. Implementations must not change
@@ -192,7 +195,8 @@ def on_exception(engine: Engine, error: BaseException) -> None:
     """When ``fit`` is cut short, just before the error propagates.
 
     ``error`` is a :class:`~enginekit.TrainingInterrupted` after SIGINT/SIGTERM (the current
-    step finished and ``on_save_point(engine, "signal")`` already ran), a
+    step finished and ``on_save_point(engine, "signal")`` already ran; a signal that arrived
+    during ``after_fit`` is reported here too, after it), a
     :class:`~enginekit.NonFiniteLossError`, a :class:`~enginekit.PluginError`, or any other
     exception. An exception raised here is reported as a warning and does not hide ``error``.
 

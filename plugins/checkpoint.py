@@ -400,18 +400,55 @@ class Checkpoint:
             engine.print(f"Checkpoint: resuming with a changed setting, applied from here on: {change}")
         return changes
 
+    def _choose(self, engine: Engine) -> tuple[Path, dict[str, Any]] | None:
+        """Rank 0 chooses the checkpoint (name and sha256); every rank loads that very file and checks
+        its hash, and a rank that cannot is an error on every rank."""
+        found = self.load_latest(engine) if engine.state.is_main else None
+        choice = None if found is None else (found[0].name, sha256_file(found[0]))
+        choice = engine.broadcast_from_main(choice)
+        if choice is None:
+            return None
+        problem = None
+        if not engine.state.is_main:
+            path = self.dir / choice[0]
+            try:
+                actual = sha256_file(path)
+                if actual != choice[1]:
+                    problem = (
+                        f"its copy of {path.name} differs from rank 0's "
+                        f"(sha256 {actual[:12]}... vs {choice[1][:12]}...)"
+                    )
+                else:
+                    found = (path, self.load(path, map_location="cpu"))
+            except (OSError, CheckpointError) as exc:
+                problem = f"cannot load {path}: {exc}"
+        if not engine.all_true(problem is None):
+            where = f"rank {engine.state.rank}: {problem}" if problem else "another rank could not load it"
+            raise CheckpointError(
+                f"rank 0 chose {choice[0]} to resume from, but {where}; every rank must see the same checkpoint "
+                "folder (a shared file system)"
+            )
+        return found
+
     def _resume(self, engine: Engine) -> None:
-        found = self.load_latest(engine)
+        found = self._choose(engine)
         if found is None:
             engine.print(f"Checkpoint: no checkpoint in {self.dir}, starting from scratch")
             return
         path, payload = found
         if engine.state.is_main:
-            # Newer files failed verification: set them aside so pruning never keeps them over good ones.
+            # Newer files failed verification: set them aside so pruning never keeps them over good ones
+            # (every rank has loaded the chosen one by now).
             for bad in self.checkpoints():
                 if bad.name > path.name:
                     bad.rename(bad.with_name(bad.name + ".corrupt"))
                     bad.with_name(bad.name + ".sha256").unlink(missing_ok=True)
+        written_by = payload["engine"]["world_size"]
+        if written_by != engine.state.world_size:
+            raise CheckpointError(
+                f"{path.name} was written by {written_by} process(es) but this run has {engine.state.world_size}; "
+                "resume with the same number of processes"
+            )
         stateful = self._stateful(engine)
         saved = payload["plugins"]
         unknown = sorted(set(saved) - set(stateful))

@@ -123,3 +123,25 @@ def test_the_example_runs_unchanged_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("Ep 1 (Iter 000000)") == 1 and proc.stdout.count("Every effort moves you") == 1
     assert "8 steps" in proc.stdout and (tmp_path / "model.pt").exists()
+
+
+def test_every_rank_resumes_from_the_file_rank_0_chose_or_all_say_why_not(two_ranks, tmp_path):
+    reference, _ = two_ranks
+    shutil.copytree(reference / "rank0", tmp_path / "rank0")  # rank 1 gets its own, empty folder
+    proc = torchrun(tmp_path, "--per-rank-dirs", "--resume", check=False)
+    assert proc.returncode != 0
+    newest = sorted(p.name for p in (tmp_path / "rank0" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    said = f"rank 0 chose {newest} to resume from, but"
+    assert proc.stderr.count(said) >= 2, proc.stderr  # both ranks raise the same clear error
+    assert f"rank 1: cannot load {tmp_path / 'rank1' / 'checkpoints' / newest}" in proc.stderr
+    assert not list((tmp_path / "rank0" / "checkpoints").glob("*.corrupt"))  # nothing renamed
+
+
+def test_another_process_count_is_refused_by_the_documented_check(two_ranks, tmp_path):
+    reference, _ = two_ranks
+    shutil.copytree(reference / "rank0", tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, str(JOB), str(tmp_path / "run"), "--resume"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    assert "was written by 2 process(es) but this run has 1; resume with the same number of processes" in proc.stderr
