@@ -228,7 +228,7 @@ class Checkpoint:
             except FolderBusyError as exc:
                 error = CheckpointWriteError(f"could not write {path.name}: {exc}")
             except BaseException as exc:  # the other ranks must not wait forever for rank 0
-                error = self._write_error(path, exc)
+                error = self._write_error(path, exc, _estimated_size(self) or _tensor_bytes(engine))
         ok = engine.all_true(error is None)
         if error is not None:
             raise error
@@ -241,16 +241,14 @@ class Checkpoint:
         newest = next((p for p in self.checkpoints() if self.verify(p) is None), None)
         return f"the newest checkpoint on disk is {newest.name}" if newest else "no checkpoint is on disk yet"
 
-    def _write_error(self, path: Path, exc: BaseException) -> BaseException:
+    def _write_error(self, path: Path, exc: BaseException, needs: int) -> BaseException:
         """Plain words for a failed write, whatever torch's own message was."""
         if isinstance(exc, KeyboardInterrupt):
             cause = "interrupted by a second signal"
         else:
-            needs = _estimated_size(self)
             free = shutil.disk_usage(self.dir).free
-            if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (needs is not None and free < needs):
-                needed = f"needs ~{needs / 2**20:,.0f} MB" if needs is not None else "needs more"
-                cause = f"no space left on device ({needed}, {free / 2**20:,.0f} MB free)"
+            if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or free < needs:
+                cause = f"no space left on device (needs ~{needs / 2**20:,.1f} MB, {free / 2**20:,.1f} MB free)"
             elif isinstance(exc, OSError):
                 cause = f"{exc.strerror or exc} ({type(exc).__name__})"
             else:
@@ -570,6 +568,13 @@ def _first_nonfinite(model: torch.nn.Module) -> str | None:
         if not bool(torch.isfinite(param).all()):
             return name
     return None
+
+
+def _tensor_bytes(engine: Engine) -> int:
+    """The bytes of the model's and the optimizer's tensors: about what a first checkpoint takes."""
+    tensors = list(_unwrap(engine.model).state_dict().values())
+    tensors += [v for state in engine.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _estimated_size(ckpt: Checkpoint) -> int | None:

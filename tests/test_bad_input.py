@@ -185,3 +185,41 @@ def test_a_checkpoint_of_another_model_is_one_line_with_details_on_request(tmp_p
 def test_the_stand_in_kit_still_drives_a_good_plugin():
     # the refusals above must not catch ordinary plugins
     assert drive(LRWarmup(2), steps_per_epoch=4).engine.state.step == 4
+
+
+def test_a_second_run_on_the_same_out_refuses_at_once_naming_the_holder(cli, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = (
+        "import time; from enginekit.files import lock_folder; "
+        f"lock_folder({str(out)!r}); print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cli.main(["--model", "tiny", "--overwrite", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {out} is in use by another run (pid {holder.pid})" in err and err.count("\n") == 1
+        assert sorted(p.name for p in out.iterdir()) == [".enginekit.lock"]  # nothing else touched or made
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_a_checkpoint_that_cannot_be_written_exits_4_saying_why(cli, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 0")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", full)
+    monkeypatch.setattr(ckpt_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    argv = ["--model", "tiny", "--max-steps", "2", "--no-progress", "--no-sample", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 4
+    err = capsys.readouterr().err
+    assert "could not write ckpt-00000002.pt: no space left on device" in err and "inline_container" not in err
+    assert "no checkpoint is on disk yet" in err
