@@ -195,10 +195,9 @@ class Registry:
         }
         plugin_name = "<unknown>"
         tb = exc.__traceback__
-        while tb is not None:
+        while tb is not None:  # the innermost match: an error passing through a wrapper's yield is not the wrapper's
             if tb.tb_frame.f_code in impls:
                 plugin_name = impls[tb.tb_frame.f_code]
-                break
             tb = tb.tb_next
         message = f"plugin {plugin_name!r} failed in hook {hook_name!r} {where}: {type(exc).__name__}: {exc}"
         try:

@@ -218,7 +218,8 @@ def test_a_checkpoint_that_cannot_be_written_exits_4_saying_why(cli, tmp_path, c
 
     monkeypatch.setattr(ckpt_module.torch, "save", full)
     monkeypatch.setattr(ckpt_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
-    argv = ["--model", "tiny", "--max-steps", "2", "--no-progress", "--no-sample", "--out", str(tmp_path / "run")]
+    argv = ["--model", "tiny", "--max-steps", "2", "--warmup-steps", "1", "--no-progress", "--no-sample"]
+    argv += ["--out", str(tmp_path / "run")]
     assert cli.main(argv) == 4
     err = capsys.readouterr().err
     assert "could not write ckpt-00000002.pt: no space left on device" in err and "inline_container" not in err

@@ -418,3 +418,18 @@ def test_unknown_device_is_a_clear_error(tiny_cfg):
     model = GPTModel(tiny_cfg)
     with pytest.raises(ValueError, match="device 'gpu0' is not a device torch knows"):
         Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), gpt_loader(tiny_cfg, 4, 2), device="gpu0")
+
+
+def test_an_error_passing_through_a_wrappers_yield_names_the_plugin_that_raised():
+    class Wraps:
+        @hookimpl(wrapper=True)
+        def before_fit(self, engine):
+            return (yield)
+
+    class Fails:
+        @hookimpl
+        def before_fit(self, engine):
+            raise ValueError("bad setting")
+
+    with pytest.raises(PluginError, match="plugin 'fails' failed in hook 'before_fit'"):
+        drive([Wraps(), Fails()], steps_per_epoch=2)
