@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from . import hookspec
-from .discovery import installed_plugins, is_builtin, load_entry_point
+from .discovery import describe_settings, installed_plugins, is_builtin, load_entry_point, settings_of
 from .registry import HOOK_NAMES, new_manager
 
 __all__ = ["main"]
@@ -48,24 +48,35 @@ def _resolve(name: str) -> Any:
     raise SystemExit(f"enginekit: unknown plugin {name!r}; known: {known}")
 
 
+def _describe(obj: Any) -> tuple[str, str]:
+    """A plugin entry point's hooks and settings (with defaults), without building it."""
+    if inspect.isfunction(obj):
+        return "known once built (a factory)", describe_settings(settings_of(obj))
+    hooks = ", ".join(_hooks_of(obj)) or "none"
+    settings = describe_settings(settings_of(obj)) if isinstance(obj, type) else "none (a ready-made instance)"
+    return hooks, settings
+
+
 def cmd_plugins(_: argparse.Namespace) -> int:
     rows = [
-        (name, f"built-in ({cls.__module__}.{cls.__qualname__})", _hooks_of(cls))
+        (name, f"built-in ({cls.__module__}.{cls.__qualname__})", *_describe(cls))
         for name, cls in builtin_plugins().items()
     ]
     for name, ep in sorted(installed_plugins(third_party_only=True).items()):
         dist = getattr(ep, "dist", None)
         origin = f"{dist.name} {dist.version}" if dist is not None else "?"
         try:
-            hooks = _hooks_of(ep.load())
+            hooks, settings = _describe(ep.load())
         except Exception as exc:
-            hooks = [f"<fails to import: {type(exc).__name__}: {exc}>"]
-        rows.append((name, f"installed: {origin} ({ep.value})", hooks))
+            hooks, settings = f"<fails to import: {type(exc).__name__}: {exc}>", "?"
+        rows.append((name, f"installed: {origin} ({ep.value})", hooks, settings))
     width = max(len(r[0]) for r in rows)
-    for name, origin, hooks in rows:
+    for name, origin, hooks, settings in rows:
         print(f"{name:<{width}}  {origin}")
-        print(f"{'':<{width}}  hooks: {', '.join(hooks)}")
-    print("\nInstalled plugins run only when named: Engine(plugins=['<name>', ...]).")
+        print(f"{'':<{width}}  hooks: {hooks}")
+        print(f"{'':<{width}}  settings: {settings}")
+    print("\nPlugins run only when named: Engine(plugins=['<name>', ('<name>', {'setting': value}), ...]),")
+    print("or on the example's command line: --plugin '<name>:setting=value,other=value'.")
     return 0
 
 

@@ -6,11 +6,13 @@ like third-party ones: the core never imports a plugin module.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-__all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "is_builtin", "load_plugin"]
+__all__ = ["ENTRY_POINT_GROUP", "installed_plugins", "is_builtin", "load_plugin", "settings_of"]
 
 ENTRY_POINT_GROUP = "enginekit"
 BUILTIN_DISTRIBUTION = "enginekit"
@@ -47,13 +49,15 @@ def _distribution_name(ep: EntryPoint) -> str:
 
 
 def load_entry_point(name: str) -> Any:
-    """The object an installed plugin's entry point names (a class or a module), not built."""
+    """The object a plugin's entry point names (a class, a factory, an instance or a module), not built."""
     available = installed_plugins()
     ep = available.get(name)
     if ep is None:
+        close = difflib.get_close_matches(name, list(available), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         names = ", ".join(sorted(available)) or "none installed"
         raise ValueError(
-            f"no installed enginekit plugin named {name!r}; available: {names}. "
+            f"no enginekit plugin named {name!r}{hint}; available: {names}. "
             f'A package provides one with [project.entry-points.{ENTRY_POINT_GROUP}] {name} = "module:Class"'
         )
     try:
@@ -66,16 +70,62 @@ def load_entry_point(name: str) -> Any:
     return obj
 
 
-def load_plugin(name: str) -> Any:
-    """Load the installed plugin ``name``: a class is instantiated with no arguments, a module used as is."""
+def settings_of(factory: Any) -> dict[str, Any]:
+    """The settings a plugin class or factory takes, with their defaults (``inspect.Parameter.empty``
+    when required)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {
+        name: p.default
+        for name, p in params.items()
+        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+
+
+def describe_settings(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}" if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in settings.items()) or "none"
+
+
+def load_plugin(name: str, settings: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """Build the plugin ``name`` with ``settings``; returns it and its registration name.
+
+    A class or a factory function (a callable returning a plugin) is called with the settings; an
+    instance is used as is (and takes no settings) and keeps its own ``plugin_name`` if it has one.
+    """
+    settings = dict(settings or {})
     obj = load_entry_point(name)
-    if isinstance(obj, type):
+    if isinstance(obj, type) or inspect.isfunction(obj):
+        accepted = settings_of(obj)
+        kind = "class" if isinstance(obj, type) else "factory"
+        where = f"enginekit plugin {name!r} ({kind} {obj.__module__}.{obj.__qualname__})"
+        unknown = [k for k in settings if k not in accepted]
+        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in _params(obj)):
+            close = difflib.get_close_matches(unknown[0], list(accepted), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"{where} has no setting {unknown[0]!r}{hint}; its settings: {describe_settings(accepted)}"
+            )
         try:
-            return obj()
+            plugin = obj(**settings)
         except TypeError as exc:
-            raise TypeError(
-                f"enginekit plugin {name!r} ({obj.__module__}.{obj.__qualname__}) cannot be built "
-                f"without arguments: {exc}; "
-                "build it yourself and pass the instance in plugins=[...]"
+            raise ValueError(
+                f"{where} cannot be built with {settings or 'no settings'}: {exc}; "
+                f"its settings: {describe_settings(accepted)}"
             ) from exc
-    return obj
+        return plugin, name
+    if settings:
+        raise ValueError(
+            f"enginekit plugin {name!r} is a ready-made {type(obj).__name__} instance and takes no settings; "
+            f"got {settings}"
+        )
+    own = getattr(obj, "plugin_name", None)
+    return obj, own if isinstance(own, str) and own else name
+
+
+def _params(obj: Any) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(obj).parameters.values())
+    except (TypeError, ValueError):
+        return []

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import count_tokens, default_forward, to_device
 from .checks import check_count, check_number
 from .distributed import Distributed, resolve_device, set_sampler_epoch
 from .errors import NonFiniteLossError, TrainingInterrupted
@@ -33,6 +34,13 @@ __all__ = ["Engine", "NonFiniteLossError", "TrainingInterrupted", "lm_loss"]
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The language-model loss of the book's ``calc_loss_batch``: cross-entropy over all positions."""
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(
+            "lm_loss, the default loss_fn, expects next-token logits (batch, seq, vocab) and targets "
+            f"(batch, seq), got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}; for another "
+            "task pass loss_fn (e.g. torch.nn.functional.cross_entropy for classes) and, if the batch is "
+            "not (inputs, targets), forward_fn"
+        )
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
@@ -47,6 +55,11 @@ class Engine:
         plugins: plugin objects, ``(name, plugin)`` pairs, or names of installed plugins.
         device: ``"auto"`` (cuda, then mps, then cpu) or anything ``torch.device`` takes.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; default :func:`lm_loss`.
+        forward_fn: ``forward_fn(model, batch) -> (outputs, targets)``: how a batch (already on
+            the device, tuples, lists and dicts of tensors included) becomes what ``loss_fn``
+            takes; also used by ``evaluate``. Default: ``(inputs, targets)`` batches,
+            ``model(inputs), targets``. ``tokens_seen`` counts the elements of the batch's
+            inputs (see :func:`enginekit.batches.count_tokens`).
         precision: ``"fp32"``, ``"bf16"`` (autocast, CPU and CUDA) or ``"fp16"`` (CUDA, GradScaler).
         grad_accum_steps: micro-batches per optimizer step; the loss is averaged over them.
         nonfinite: ``"error"`` (raise :class:`NonFiniteLossError` before the update) or
@@ -72,6 +85,7 @@ class Engine:
         plugins: Sequence[Any] = (),
         device: str | torch.device = "auto",
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        forward_fn: Callable[[nn.Module, Any], tuple[Any, Any]] | None = None,
         precision: str = "fp32",
         grad_accum_steps: int = 1,
         nonfinite: str = "error",
@@ -87,6 +101,7 @@ class Engine:
         self.precision, self.scaler = precision, self._precision.scaler
         self.grad_accum_steps = grad_accum_steps
         self.loss_fn = loss_fn or lm_loss
+        self.forward_fn = forward_fn or default_forward
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.train_loader = train_loader
@@ -245,17 +260,17 @@ class Engine:
         forward = self._dist.ddp or self.model
         total: torch.Tensor | None = None
         tokens = 0
-        for i, (inputs, targets) in enumerate(micro_batches):
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.device)
             with self._dist.no_sync(last_micro_batch=i == n - 1):
                 with self._precision.autocast():
-                    loss = self.loss_fn(forward(inputs), targets)
+                    outputs, targets = self.forward_fn(forward, batch)
+                    loss = self.loss_fn(outputs, targets)
                 if n > 1:
                     loss = loss / n
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
-            tokens += inputs.numel()
+            tokens += count_tokens(batch)
         assert total is not None
         return total, tokens
 
@@ -285,7 +300,7 @@ class Engine:
         As the book's ``calc_loss_loader``: per-batch losses summed as Python floats, NaN for an
         empty loader; train mode is restored afterwards. Under torchrun the mean is over ranks.
         """
-        mean = mean_loss(self.model, loader, self.loss_fn, self.device, self._precision.autocast, max_batches)
+        mean = mean_loss(self, loader, max_batches)
         if self._dist.active:
             mean = float(self._dist.mean(torch.tensor(mean, device=self.device)))
         return mean
@@ -305,7 +320,7 @@ class Engine:
     def print(self, message: str) -> None:
         """Print a line on the main process without breaking a progress bar."""
         if self.state.is_main:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
 
             tqdm.write(message)
 

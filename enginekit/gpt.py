@@ -26,6 +26,7 @@ from torch import nn
 
 __all__ = [
     "GPT_CONFIG_124M",
+    "GPT_CONFIG_TINY",
     "GPTModel",
     "generate",
     "normalize_config",
@@ -42,6 +43,18 @@ GPT_CONFIG_124M: dict[str, Any] = {
     "emb_dim": 768,
     "n_heads": 12,
     "n_layers": 12,
+    "drop_rate": 0.1,
+    "qkv_bias": False,
+}
+
+#: A GPT small enough to train in seconds on a CPU: the book's vocabulary, everything else tiny.
+#: The examples' ``--model tiny`` and the notebook use it.
+GPT_CONFIG_TINY: dict[str, Any] = {
+    "vocab_size": 50257,
+    "context_length": 64,
+    "emb_dim": 64,
+    "n_heads": 4,
+    "n_layers": 2,
     "drop_rate": 0.1,
     "qkv_bias": False,
 }

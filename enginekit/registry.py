@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import types
 import warnings
@@ -13,7 +14,7 @@ import pluggy
 
 from . import hookspec
 
-__all__ = ["HOOK_NAMES", "PluginError", "PluginValueError", "Registry", "default_plugin_name"]
+__all__ = ["HOOK_NAMES", "PluginError", "PluginValueError", "Registry", "default_plugin_name", "plugin_settings"]
 
 #: Every hook, in the order one ``fit`` first emits them.
 HOOK_NAMES = (
@@ -59,6 +60,16 @@ def _plugin_error_class(original: type[Exception]) -> type[PluginError]:
     return cls
 
 
+def plugin_settings(plugin: object) -> dict[str, Any]:
+    """A plugin's settings as they are now: each constructor parameter read back from the
+    attribute of the same name (a parameter stored under another name is not shown)."""
+    try:
+        params = inspect.signature(type(plugin).__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {p: getattr(plugin, p) for p in params if p != "self" and hasattr(plugin, p)}
+
+
 def default_plugin_name(plugin: object) -> str:
     """``plugin.plugin_name`` if set, else the class name in snake_case (``LRWarmup`` -> ``lr_warmup``)."""
     explicit = getattr(plugin, "plugin_name", None)
@@ -98,13 +109,14 @@ class Registry:
         self.pm = new_manager()
         self.hook = self.pm.hook
 
-    def register(self, plugin: Any, name: str | None = None) -> Any:
-        """Register a plugin object (or an installed plugin by its entry-point name) and validate it now."""
+    def register(self, plugin: Any, name: str | None = None, settings: dict[str, Any] | None = None) -> Any:
+        """Register a plugin object, or a plugin by its entry-point name built with ``settings``,
+        and validate it now."""
         if isinstance(plugin, str):
             from .discovery import load_plugin
 
-            name = name or plugin
-            plugin = load_plugin(plugin)
+            plugin, loaded_name = load_plugin(plugin, settings)
+            name = name or loaded_name
         if isinstance(plugin, type):
             raise TypeError(f"plugin {plugin.__name__} is a class; register an instance: {plugin.__name__}(...)")
         name = name or default_plugin_name(plugin)
@@ -167,12 +179,20 @@ class Registry:
         return f"plugin {name!r} implements unknown hook(s) {', '.join(parts)}; the hooks are {', '.join(HOOK_NAMES)}"
 
     def register_all(self, plugins: Sequence[Any], autoload: bool) -> None:
-        """``Engine(plugins=...)``: objects, ``(name, plugin)`` pairs or installed names; with
-        ``autoload`` also every installed third-party plugin not already registered by name."""
+        """``Engine(plugins=...)``: objects, ``(name, plugin)`` pairs, plugin names (built-in or
+        installed), or ``(name, {settings})`` pairs; with ``autoload`` also every installed
+        third-party plugin not already registered by name."""
         for plugin in plugins:
-            if isinstance(plugin, tuple):
-                name, plugin = plugin
-                self.register(plugin, name=name)
+            if isinstance(plugin, tuple) and len(plugin) == 2 and isinstance(plugin[0], str):
+                name, value = plugin
+                if isinstance(value, dict):
+                    self.register(name, settings=value)
+                else:
+                    self.register(value, name=name)
+            elif isinstance(plugin, tuple):
+                raise ValueError(
+                    f"plugins entry {plugin!r}: a pair is (name, plugin) or (name, {{settings}}), name a string"
+                )
             else:
                 self.register(plugin)
         if autoload:

@@ -20,6 +20,7 @@ non-finite weights, a second signal during a save: the line says which checkpoin
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import sys
@@ -31,7 +32,7 @@ import torch
 from enginekit import Engine, NonFiniteLossError, PluginError, TrainingInterrupted
 from enginekit.data import verdict_loaders
 from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
-from enginekit.gpt import GPT_CONFIG_124M, GPTModel
+from enginekit.gpt import GPT_CONFIG_124M, GPT_CONFIG_TINY, GPTModel
 from enginekit.plugins import (
     Checkpoint,
     CheckpointError,
@@ -44,18 +45,10 @@ from enginekit.plugins import (
     SampleText,
     plot_lrs,
 )
+from enginekit.registry import plugin_settings
 from enginekit.testing import drive
 
-TINY_CONFIG = {
-    "vocab_size": 50257,
-    "context_length": 64,
-    "emb_dim": 64,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.1,
-    "qkv_bias": False,
-}
-CONFIGS = {"124M": GPT_CONFIG_124M, "tiny": TINY_CONFIG}
+CONFIGS = {"124M": GPT_CONFIG_124M, "tiny": GPT_CONFIG_TINY}
 
 
 def number(minimum: float | None = None, above: float | None = None, below: float | None = None):
@@ -93,6 +86,23 @@ def count(minimum: int = 1, maximum: int | None = None):
         return value
 
     return parse
+
+
+def plugin_spec(text: str) -> tuple[str, dict[str, object]]:
+    """``name`` or ``name:setting=value,...``; values are Python literals, a bare word is a string."""
+    name, _, rest = text.partition(":")
+    if not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:SETTING=VALUE,..., got {text!r}")
+    settings: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise argparse.ArgumentTypeError(f"setting {item!r} of plugin {name!r} is not SETTING=VALUE")
+        try:
+            settings[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            settings[key.strip()] = raw.strip()  # monitor=val_loss reads as the string it says
+    return name.strip(), settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -178,9 +188,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plugin",
         action="append",
         default=[],
-        metavar="NAME",
-        help="also enable a plugin by name, built with its defaults: a built-in one such as early_stopping, "
-        "or an installed one (repeatable; see `enginekit plugins`)",
+        type=plugin_spec,
+        metavar="NAME[:SETTING=VALUE,...]",
+        help="also enable a plugin by name, built-in (early_stopping) or installed, with settings as Python "
+        "literals: --plugin 'early_stopping:patience=2,min_delta=0.05' (repeatable; see `enginekit plugins`)",
     )
     p.add_argument(
         "--plot-lr", action="store_true", help="draw the chosen schedule to OUT/lr.png and exit without training"
@@ -309,6 +320,10 @@ def train(args: argparse.Namespace) -> int:
         return 1
     n_params = sum(p.numel() for p in model.parameters())
     engine.print(f"GPT {args.model}: {n_params:,} parameters on {engine.device}, {args.precision}")
+    engine.print("plugins:")
+    for name, plugin in engine.plugins.items():
+        settings = ", ".join(f"{k}={v!r}" for k, v in plugin_settings(plugin).items())
+        engine.print(f"  {name:<15} {type(plugin).__name__}({settings})")
     start = time.perf_counter()
     try:
         state = engine.fit(epochs=args.epochs, max_steps=args.max_steps)

@@ -8,6 +8,7 @@ from .loss_tracker import LossTracker, plot_lrs
 from .lr_warmup import LRWarmup, warmup_lr
 from .progress_bar import ProgressBar
 from .sample_text import SampleText
+from .tensorboard import TensorBoard
 
 __all__ = [
     "Checkpoint",
@@ -20,6 +21,7 @@ __all__ = [
     "LossTracker",
     "ProgressBar",
     "SampleText",
+    "TensorBoard",
     "cosine_lr",
     "plot_lrs",
     "warmup_lr",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import inspect
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ import torch
 from enginekit.engine import Engine
 from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.hookspec import hookimpl
+from enginekit.registry import plugin_settings
 
 FORMAT = "enginekit-checkpoint"
 VERSION = 1
@@ -520,13 +520,8 @@ def run_settings(engine: Engine, skip: object = None) -> dict[str, Any]:
     for name, plugin in engine.plugins.items():
         if plugin is skip:
             continue
-        try:
-            params = inspect.signature(type(plugin).__init__).parameters
-        except (TypeError, ValueError):
-            continue
-        for param in params:
-            value = getattr(plugin, param, None)
-            if param != "self" and hasattr(plugin, param) and _plain(value):
+        for param, value in plugin_settings(plugin).items():
+            if _plain(value):
                 settings[f"{name}.{param}"] = list(value) if isinstance(value, tuple) else value
     return settings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
@@ -13,6 +13,8 @@ from enginekit.hookspec import hookimpl
 
 class ProgressBar:
     """One bar over the run's optimizer steps, showing loss, learning rate and tokens/s.
+
+    ``tqdm.auto``: a widget in Jupyter, text in a terminal.
 
     The numbers come from the metrics channel (``step_loss`` and ``lr`` on ``engine.metrics``)
     and refresh every ``refresh_every`` steps: reading the loss synchronises with the device,

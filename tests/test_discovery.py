@@ -22,18 +22,32 @@ def fake_site(tmp_path, monkeypatch):
             from enginekit import hookimpl
 
             class StepCounter:
-                def __init__(self):
+                def __init__(self, every=1):
+                    self.every = every
                     self.steps = 0
 
                 @hookimpl
                 def after_step(self, engine, loss):
                     self.steps += 1
+
+            def make_counter(every=1):
+                return StepCounter(every)
+
+            shared = StepCounter()
+            shared.plugin_name = "shared_counter"
+
+            def nothing():
+                return object()
             """
         )
     )
     (site / "broken_plugin.py").write_text("import this_module_does_not_exist\n")
     for dist, entry in [
-        ("counting-plugin", "counter = counting_plugin:StepCounter"),
+        (
+            "counting-plugin",
+            "counter = counting_plugin:StepCounter\ncounter_factory = counting_plugin:make_counter\n"
+            "counter_instance = counting_plugin:shared\nhollow = counting_plugin:nothing",
+        ),
         ("broken-plugin", "broken = broken_plugin:Thing"),
     ]:
         info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"
@@ -77,9 +91,38 @@ def test_autoload_registers_every_installed_plugin_when_asked(fake_site, monkeyp
 
 def test_unknown_name_lists_the_available_ones(fake_site):
     with pytest.raises(
-        ValueError, match="no installed enginekit plugin named 'counterr'; available: .*broken.*counter"
+        ValueError, match="no enginekit plugin named 'counterr' \\(did you mean 'counter'\\?\\); available: .*broken.*"
     ):
         make_engine(["counterr"])
+
+
+def test_plugins_by_name_take_settings_as_a_dict(fake_site):
+    engine = make_engine([("counter", {"every": 2}), ("counter_factory", {"every": 3})])
+    assert engine.plugins["counter"].every == 2 and engine.plugins["counter_factory"].every == 3
+    assert type(engine.plugins["counter_factory"]).__name__ == "StepCounter"  # the factory's product
+
+
+def test_an_instance_entry_point_keeps_its_own_name_and_takes_no_settings(fake_site):
+    assert "shared_counter" in make_engine(["counter_instance"]).plugins
+    with pytest.raises(
+        ValueError, match="'counter_instance' is a ready-made StepCounter instance and takes no settings"
+    ):
+        make_engine([("counter_instance", {"every": 2})])
+
+
+def test_a_factory_returning_no_plugin_and_a_misspelled_setting_are_refused(fake_site):
+    with pytest.raises(ValueError, match="plugin 'hollow' \\(<object object at .*\\) implements no hook"):
+        make_engine(["hollow"])
+    with pytest.raises(ValueError, match="has no setting 'evry' \\(did you mean 'every'\\?\\); its settings: every=1"):
+        make_engine([("counter", {"evry": 2})])
+
+
+def test_built_in_plugins_are_enabled_by_name_with_settings():
+    engine = make_engine([("early_stopping", {"patience": 2, "min_delta": 0.05})])
+    stopper = engine.plugins["early_stopping"]
+    assert type(stopper).__name__ == "EarlyStopping" and (stopper.patience, stopper.min_delta) == (2, 0.05)
+    with pytest.raises(ValueError, match="EarlyStopping: patience must be an int >= 1, got 0"):
+        make_engine([("early_stopping", {"patience": 0})])
 
 
 def test_broken_entry_point_names_distribution_and_entry_point(fake_site):

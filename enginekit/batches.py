@@ -1,0 +1,68 @@
+"""How a batch becomes a loss: device moves for nested batches, the default forward, token counts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["count_tokens", "default_forward", "to_device"]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor moved to ``device`` (non-blocking), through tuples, lists and dicts."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        if isinstance(batch.get("input_ids"), torch.Tensor):
+            return batch["input_ids"]
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def count_tokens(batch: Any) -> int:
+    """What ``tokens_seen`` adds for a batch: the element count of its inputs, as the book counts
+    ``input_batch.numel()``. The inputs are the first tensor of a tuple or list (``(inputs,
+    targets)``, ``(inputs, mask, targets)``), and of a dict its ``"input_ids"`` entry, else its
+    first tensor; 0 when the batch holds no tensor."""
+    found = _first_tensor(batch)
+    return found.numel() if found is not None else 0
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        return f"a dict with keys {list(batch)}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return f"a {type(batch).__name__}"
+
+
+def default_forward(model: nn.Module, batch: Any) -> tuple[Any, Any]:
+    """The default ``forward_fn``: ``(inputs, targets)`` batches, ``model(inputs)`` against ``targets``."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError(
+            f"the default forward_fn takes (inputs, targets) batches, but the loader gave {_describe(batch)}; "
+            "pass Engine(..., forward_fn=f) with f(model, batch) -> (outputs, targets), e.g. "
+            "lambda model, b: (model(b['input_ids']), b['labels'])"
+        )
+    inputs, targets = batch
+    return model(inputs), targets
