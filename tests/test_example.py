@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import re
@@ -25,7 +26,7 @@ def _example_module():
     return module
 
 
-TINY = _example_module().TINY_CONFIG
+TINY = _example_module().CONFIGS["tiny"]
 
 
 def run_example(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -163,7 +164,7 @@ def test_sigterm_checkpoints_the_last_finished_step_and_resume_equals_uninterrup
 
 def test_installed_plugins_are_enabled_by_name(tmp_path):
     proc = run_example("--model", "tiny", "--max-steps", "3", "--plugin", "nope", "--out", str(tmp_path))
-    assert proc.returncode == 1 and "no installed enginekit plugin named 'nope'" in proc.stderr
+    assert proc.returncode == 1 and "no enginekit plugin named 'nope'" in proc.stderr
     pytest.importorskip("enginekit_ema")
     proc = run_example(
         "--model", "tiny", "--max-steps", "6", "--plugin", "ema", "--no-progress", "--out", str(tmp_path)
@@ -173,6 +174,39 @@ def test_installed_plugins_are_enabled_by_name(tmp_path):
 
     payload = Checkpoint(tmp_path / "checkpoints").load_latest()[1]
     assert payload["plugins"]["ema"]["updates"] == 6
+
+
+def test_plugins_by_name_take_settings_and_the_run_lists_what_is_active(tmp_path):
+    argv = ["--model", "tiny", "--max-steps", "3", "--no-progress", "--no-sample", "--warmup-steps", "1"]
+    argv += ["--plugin", "early_stopping:patience=2,min_delta=0.05,monitor=train_loss", "--out", str(tmp_path)]
+    proc = run_example(*argv)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    listed = lines[lines.index("plugins:") + 1 :]
+    assert any(
+        line.split()
+        == ["early_stopping", "EarlyStopping(monitor='train_loss',", "patience=2,", "min_delta=0.05,", "mode='min')"]
+        for line in listed
+    )
+    assert any(line.split()[:2] == ["lr_warmup", "LRWarmup(warmup_steps=1,"] for line in listed)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("early_stopping", ("early_stopping", {})),
+        ("early_stopping:patience=2,min_delta=0.05", ("early_stopping", {"patience": 2, "min_delta": 0.05})),
+        ("x:monitor=val_loss,flag=True,pair=(1, 2)", None),
+    ],
+)
+def test_plugin_specs_parse_python_literals(spec, expected):
+    parse = _example_module().plugin_spec
+    if expected is None:  # a comma inside a value splits it: the spec is refused, not guessed
+        with pytest.raises(argparse.ArgumentTypeError, match="is not SETTING=VALUE"):
+            parse(spec)
+    else:
+        assert parse(spec) == expected
+    assert parse("x:monitor=val_loss,flag=True") == ("x", {"monitor": "val_loss", "flag": True})
 
 
 def test_rerunning_into_an_earlier_runs_folder_needs_resume_or_overwrite(tiny_run, tmp_path):

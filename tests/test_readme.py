@@ -58,3 +58,13 @@ def test_evaluation_reaction_example_passes_its_own_test():
     namespace: dict = {}
     exec(python_block_after("### Reacting to evaluations"), namespace)
     namespace["test_halves_after_two_evaluations_without_progress"]()
+
+
+def test_the_two_commands_are_the_makefiles_and_ci_runs_the_test_one():
+    block = re.search(r"## Quickstart.*?```bash\n(.*?)```", README, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert commands == ["make run", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\nrun: $(VENV)/.installed\n" in makefile and "\ntest: $(VENV)/.installed\n" in makefile
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == "make test"
