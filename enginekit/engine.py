@@ -60,7 +60,8 @@ class Engine:
             takes; also used by ``evaluate``. Default: ``(inputs, targets)`` batches,
             ``model(inputs), targets``. ``tokens_seen`` counts the elements of the batch's
             inputs (see :func:`enginekit.batches.count_tokens`).
-        precision: ``"fp32"``, ``"bf16"`` (autocast, CPU and CUDA) or ``"fp16"`` (CUDA, GradScaler).
+        precision: ``"fp32"``, ``"bf16"`` (autocast, CPU and CUDA) or ``"fp16"`` (autocast and a
+            GradScaler; for CUDA, on CPU only to test that path).
         grad_accum_steps: micro-batches per optimizer step; the loss is averaged over them.
         nonfinite: ``"error"`` (raise :class:`NonFiniteLossError` before the update) or
             ``"skip"`` (drop the step's update and try the next batch for the same step).
@@ -238,6 +239,12 @@ class Engine:
             self.scaler.unscale_(opt)
         # 3. a non-finite loss never reaches the weights
         if not self._nonfinite.allows(loss, st, opt, self.scaler, self.print):
+            return False
+        # 3b. fp16: gradients that overflowed although the loss was finite: GradScaler lowers its
+        #     scale and the step is not taken, so it is not counted either (retried with the next batch)
+        if self.scaler is not None and self._precision.overflowed(opt):
+            self.scaler.update()
+            opt.zero_grad(set_to_none=True)
             return False
         metrics._put("step_loss", loss, st.step)
         self._emit("after_backward")

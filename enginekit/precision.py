@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -14,20 +15,35 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 class Precision:
     """``fp32``; ``bf16`` (autocast on CPU and CUDA, no scaler); ``fp16`` (autocast with a
-    GradScaler, CUDA only). Weights and optimizer state stay fp32 in every mode."""
+    GradScaler). Weights and optimizer state stay fp32 in every mode.
+
+    fp16 is meant for CUDA. On CPU it runs too (torch's CPU autocast to float16 and
+    ``GradScaler("cpu")``), with a warning: it is slow there and exists so the scaler path can be
+    tested without a GPU.
+    """
 
     def __init__(self, name: str, device: torch.device) -> None:
         if name not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
-        if name == "fp16" and device.type != "cuda":
-            raise ValueError(
-                f"precision='fp16' needs a CUDA device (GradScaler), but the device is {device}; "
-                "use precision='bf16' on CPU"
+        if name == "fp16" and device.type not in ("cuda", "cpu"):
+            raise ValueError(f"precision='fp16' needs a CUDA device (or the CPU, for testing), got {device}")
+        if name == "fp16" and device.type == "cpu":
+            warnings.warn(
+                "precision='fp16' on CPU exercises the GradScaler path for testing and is slow; "
+                "use precision='bf16' to train on a CPU",
+                stacklevel=3,
             )
         self.name = name
         self.device_type = device.type
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
-        self.scaler = torch.amp.GradScaler("cuda") if name == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    def overflowed(self, optimizer: torch.optim.Optimizer) -> bool:
+        """After ``unscale_``: whether the scaled gradients overflowed (one host read, fp16 only)."""
+        if self.scaler is None:
+            return False
+        found = self.scaler._found_inf_per_device(optimizer)
+        return bool(sum(v.item() for v in found.values()))
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype is None:

@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=["fp32", "bf16", "fp16"],
         default="fp32",
-        help="bf16: autocast on CPU/CUDA; fp16: CUDA only",
+        help="bf16: autocast on CPU/CUDA; fp16: autocast + GradScaler, for CUDA (on CPU only to test that path)",
     )
     g.add_argument(
         "--seed",

@@ -12,6 +12,8 @@ def test_plugins_lists_builtins_with_origin_and_hooks(capsys):
     out = capsys.readouterr().out
     assert "lr_warmup       built-in (enginekit.plugins.lr_warmup.LRWarmup)" in out
     assert "hooks: before_fit, after_evaluate, after_fit" in out  # early_stopping
+    assert "settings: monitor='val_loss', patience=3, min_delta=0.0, mode='min'" in out  # with their defaults
+    assert "settings: min_lr, peak_lr=None" in out  # cosine_decay: min_lr is required
     assert "hooks: before_fit, after_backward" in out  # grad_clip
     assert "run only when named" in out
 

@@ -250,16 +250,60 @@ def test_bf16_autocasts_the_matmuls_on_cpu(tiny_cfg):
     assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
 
 
-def test_fp16_on_cpu_is_a_clear_error(tiny_cfg):
+def test_fp16_runs_on_cpu_for_testing_with_a_warning_and_a_grad_scaler(tiny_cfg):
     model = GPTModel(tiny_cfg)
-    with pytest.raises(ValueError, match="fp16.*needs a CUDA device.*bf16"):
-        Engine(
+    with pytest.warns(UserWarning, match="precision='fp16' on CPU exercises the GradScaler path"):
+        engine = Engine(
             model,
             torch.optim.SGD(model.parameters(), lr=0.1),
             gpt_loader(tiny_cfg, 4, 2),
             device="cpu",
             precision="fp16",
         )
+    seen = []
+
+    class Dtype:
+        @hookimpl
+        def after_backward(self, engine):
+            seen.append(all(torch.isfinite(p.grad).all() for p in engine.model.parameters() if p.grad is not None))
+
+    engine.register(Dtype())
+    engine.fit()
+    assert engine.state.step == 2 and seen == [True, True]
+    assert isinstance(engine.scaler, torch.amp.GradScaler) and engine.scaler.get_scale() > 0
+
+
+def test_an_fp16_overflow_step_is_not_counted_and_never_reaches_after_backward():
+    """A finite loss whose scaled gradients overflow: GradScaler skips the update; so does the engine."""
+    from enginekit.plugins import LRWarmup
+
+    with pytest.warns(UserWarning):
+        engine = make_engine(
+            [LRWarmup(warmup_steps=2, initial_lr=0.0)],
+            steps_per_epoch=10,
+            lr=1.0,
+            precision="fp16",
+            loss_fn=lambda out, targets: (out * 1e3).sum(),  # finite, with gradients near 4e4
+        )
+    # scaled by 2**115 those gradients overflow float32 (3.4e38) until the scaler has halved ~3 times
+    engine.scaler = engine._precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**115, growth_interval=1000)
+    rec = HookRecorder(engine)
+    grads_finite = []
+
+    class Check:
+        @hookimpl
+        def after_backward(self, engine):
+            grads_finite.append(all(torch.isfinite(p.grad).all() for p in engine.model.parameters()))
+
+    engine.register(Check())
+    engine.fit(max_steps=3)
+    starts = [c.step for c in rec.calls if c.hook == "before_step"]
+    assert len(starts) > 3 and starts[:2] == [0, 0]  # step 0 was tried again after the overflow
+    assert [c.step for c in rec.calls if c.hook == "after_step"] == [0, 1, 2]
+    assert grads_finite == [True, True, True]
+    assert engine.state.step == 3 and engine.state.tokens_seen == 3 * 2 * 4  # only the steps taken
+    assert rec.lrs == [0.0, 0.5, 1.0]  # the schedule did not move on for the dropped attempts
+    assert engine.scaler.get_scale() < 2.0**115
 
 
 def test_bad_engine_settings_are_named(tiny_cfg):
