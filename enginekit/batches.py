@@ -14,7 +14,7 @@ __all__ = ["count_tokens", "default_forward", "to_device"]
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor moved to ``device`` (non-blocking), through tuples, lists and dicts."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return batch if batch.device == device else batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return type(batch)({k: to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -35,7 +36,7 @@ class NonFinitePolicy:
         say: Callable[[str], None],
     ) -> bool:
         """Whether the step may update the weights: the one host read of the step (free on CPU)."""
-        if bool(torch.isfinite(loss)):
+        if math.isfinite(loss.item()):  # on CPU a tenth of bool(torch.isfinite(loss)); on a GPU the same sync
             state.skipped_steps = 0
             return True
         optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -84,6 +85,12 @@ class Checkpoint:
             lacks state for one that is, is an error; ``False`` accepts it with a warning line.
         overwrite: with ``resume=False``, a folder that already holds checkpoints is an error
             (they belong to another run); ``True`` deletes them first.
+        async_write: copy the state at the save point (one extra copy of weights, optimizer
+            state and the rest, in host memory) and write, fsync, hash and rename it in a
+            background thread while training goes on. At most one write is in flight (the next
+            save waits for it); a failed background write raises at the next step (or, under
+            torchrun, the next save) or at the end of fit; the end of fit and a signal wait for
+            it. ``False`` writes during the save point, as training waits.
         allow_changes: resuming with other settings than the checkpoint's run (the engine's, the
             plan facts, the optimizer's hyper-parameters, any plugin's constructor settings) is an
             error listing every difference; ``True`` applies the new ones from the resumed step on
@@ -116,6 +123,7 @@ class Checkpoint:
         strict_plugins: bool = True,
         overwrite: bool = False,
         allow_changes: bool = False,
+        async_write: bool = True,
     ) -> None:
         if every_steps is not None and (
             isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1
@@ -131,9 +139,12 @@ class Checkpoint:
         self.strict_plugins = strict_plugins
         self.overwrite = overwrite
         self.allow_changes = allow_changes
+        self.async_write = async_write
         self.last_saved: int | None = None
         self.resumed_from: Path | None = None
         self._locked = False
+        self._writer: threading.Thread | None = None
+        self._background_error: BaseException | None = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -173,11 +184,19 @@ class Checkpoint:
 
     @hookimpl
     def after_fit(self, engine: Engine) -> None:
-        self._unlock()
+        try:
+            self.wait(engine)  # the run is not over before its last checkpoint is on disk
+        finally:
+            self._unlock()
 
     @hookimpl
     def on_exception(self, engine: Engine, error: BaseException) -> None:
-        self._unlock()
+        try:
+            self.wait()  # finish the write in flight: it holds the newest good state
+        except CheckpointWriteError as exc:
+            engine.print(f"Checkpoint: {exc}")
+        finally:
+            self._unlock()
 
     def _unlock(self) -> None:
         if self._locked:
@@ -190,8 +209,13 @@ class Checkpoint:
         if reason == "epoch":
             due = self.every_epoch
         elif reason == "signal":  # the last finished step, unless it is saved already or there is none
-            due = self.last_saved != st.step and st.step > 0
+            if self.last_saved != st.step and st.step > 0:
+                self.save(engine, background=False)  # the process is about to exit: write it now
+            self.wait(engine)
+            return
         else:
+            if st.world_size == 1 and self._writer is not None and not self._writer.is_alive():
+                self.wait(engine)  # a background write has ended: its failure surfaces at this step
             epoch_save_follows = self.every_epoch and (
                 st.should_stop or st.step_in_epoch >= st.steps_per_epoch or st.step >= st.total_steps
             )
@@ -206,11 +230,16 @@ class Checkpoint:
         found = [p for p in self.dir.glob("ckpt-*.pt") if _NAME.match(p.name)]
         return sorted(found, key=lambda p: p.name, reverse=True)
 
-    def save(self, engine: Engine) -> Path:
-        """Write a checkpoint of the state now (a save point); every rank must call it."""
+    def save(self, engine: Engine, background: bool | None = None) -> Path:
+        """Write a checkpoint of the state now (a save point); every rank must call it.
+
+        In the background (``async_write``, unless ``background=False``) the state is copied
+        first and this returns once the copy is taken; :meth:`wait` blocks until it is on disk.
+        """
+        background = self.async_write if background is None else background
+        self.wait(engine)  # at most one write in flight; a failure of the previous one surfaces here
         state = engine.state_dict()
         path = self.dir / f"ckpt-{state['step']:08d}.pt"
-        error: BaseException | None = None
         nonfinite = _first_nonfinite(_unwrap(engine.model))
         if nonfinite is not None:
             raise CheckpointWriteError(
@@ -218,24 +247,57 @@ class Checkpoint:
                 f"(first: {nonfinite}), so nothing of this state is saved; {self._newest_line()}. The update "
                 "that poisoned them came from a finite loss: check the learning rate and the data"
             )
+        error: BaseException | None = None
         if engine.state.is_main:
-            try:
-                lock_folder(self.dir, "run's Checkpoint")  # re-entrant; re-taken for a save after after_fit
-                try:
-                    self._write(engine, path, state)
-                finally:
-                    unlock_folder(self.dir)
-            except FolderBusyError as exc:
-                error = CheckpointWriteError(f"could not write {path.name}: {exc}")
-            except BaseException as exc:  # the other ranks must not wait forever for rank 0
-                error = self._write_error(path, exc, _estimated_size(self) or _tensor_bytes(engine))
-        ok = engine.all_true(error is None)
+            payload = self._payload(engine, state, copy=background)
+            needs = _estimated_size(self) or _tensor_bytes(engine)
+            if background:
+                self._writer = threading.Thread(
+                    target=self._write_in_background, args=(path, payload, needs), name=f"enginekit-{path.name}"
+                )
+                self._writer.start()
+            else:
+                error = self._write_now(path, payload, needs)
+        if not background:
+            self._agree(engine, error, path)
+        self.last_saved = state["step"]
+        return path
+
+    def wait(self, engine: Engine | None = None) -> None:
+        """Block until a background write is on disk; raise :class:`CheckpointWriteError` if it failed
+        (on every rank, when ``engine`` is given: every rank must call it then)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        error, self._background_error = self._background_error, None
+        if engine is not None:
+            self._agree(engine, error, None)
+        elif error is not None:
+            raise error
+
+    def _agree(self, engine: Engine, error: BaseException | None, path: Path | None) -> None:
+        ok = engine.all_true(error is None)  # the other ranks must not wait forever for rank 0
         if error is not None:
             raise error
         if not ok:
-            raise CheckpointWriteError(f"rank 0 failed to write {path.name}; {self._newest_line()}")
-        self.last_saved = state["step"]
-        return path
+            what = path.name if path is not None else "a checkpoint"
+            raise CheckpointWriteError(f"rank 0 failed to write {what}; {self._newest_line()}")
+
+    def _write_now(self, path: Path, payload: dict[str, Any], needs: int) -> BaseException | None:
+        try:
+            lock_folder(self.dir, "run's Checkpoint")  # re-entrant; re-taken for a save after after_fit
+            try:
+                self._write_payload(path, payload)
+            finally:
+                unlock_folder(self.dir)
+        except FolderBusyError as exc:
+            return CheckpointWriteError(f"could not write {path.name}: {exc}")
+        except BaseException as exc:
+            return self._write_error(path, exc, needs)
+        return None
+
+    def _write_in_background(self, path: Path, payload: dict[str, Any], needs: int) -> None:
+        self._background_error = self._write_now(path, payload, needs)
 
     def _newest_line(self) -> str:
         newest = next((p for p in self.checkpoints() if self.verify(p) is None), None)
@@ -258,7 +320,7 @@ class Checkpoint:
         error.__cause__ = exc
         return error
 
-    def _write(self, engine: Engine, path: Path, state: dict[str, Any]) -> None:
+    def _payload(self, engine: Engine, state: dict[str, Any], copy: bool) -> dict[str, Any]:
         payload = {
             "format": FORMAT,
             "version": VERSION,
@@ -268,6 +330,10 @@ class Checkpoint:
             "plugins": self._plugin_states(engine),
             "settings": run_settings(engine, skip=self),
         }
+        # state_dict()s hand out the live tensors: a background write needs its own copy
+        return _snapshot(payload) if copy else payload
+
+    def _write_payload(self, path: Path, payload: dict[str, Any]) -> None:
         digest: list[str] = []
 
         def write(f: BinaryIO) -> None:
@@ -555,6 +621,17 @@ def _not_a_checkpoint_file(path: Path) -> str | None:
     if info.st_size < 22:  # smaller than the end record of any zip archive
         return f"{info.st_size} bytes, too small to be a checkpoint"
     return None
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are new host tensors (the rest is immutable or rebuilt)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
 
 
 def _first_nonfinite(model: torch.nn.Module) -> str | None:

@@ -629,3 +629,75 @@ def test_a_cut_short_fits_position_does_not_leak_into_a_resumed_one(tmp_path):
         f.unlink()
     cut.fit(epochs=2)
     assert all(torch.equal(a, b) for a, b in zip(cut.model.parameters(), reference.model.parameters()))
+
+
+# ---------------------------------------------------------------- background writes (issue 15)
+
+
+class SlowWrites:
+    """Holds every checkpoint write 0.3 s before its rename and records how many overlap."""
+
+    def __init__(self) -> None:
+        self.running = self.most = 0
+        self.finished: list[tuple[str, float]] = []
+
+    def __call__(self, tmp: Path) -> None:
+        self.running += 1
+        self.most = max(self.most, self.running)
+        time.sleep(0.3)
+        self.running -= 1
+        self.finished.append((tmp.name, time.perf_counter()))
+
+
+def test_a_background_write_lets_training_go_on_and_the_end_of_fit_waits_for_it(tmp_path, monkeypatch):
+    from enginekit import files
+
+    slow = SlowWrites()
+    monkeypatch.setattr(files, "before_replace", slow)
+    steps_done: list[tuple[int, float]] = []
+
+    class Clock:
+        @hookimpl
+        def after_step(self, engine, loss):
+            steps_done.append((engine.state.step, time.perf_counter()))
+
+    drive([Clock(), Checkpoint(tmp_path, every_steps=2, every_epoch=False)], steps_per_epoch=6)
+    first_ckpt_done = next(t for name, t in slow.finished if name.startswith(".ckpt-00000002.pt."))
+    assert any(
+        step == 2 and t < first_ckpt_done for step, t in steps_done
+    )  # step 2 ran while step 2's ckpt was written
+    assert slow.most == 1  # never two writes at once: the next save waited
+    names = [p.name for p in Checkpoint(tmp_path).checkpoints()]
+    assert names == ["ckpt-00000006.pt", "ckpt-00000004.pt", "ckpt-00000002.pt"]  # all on disk when fit returned
+    assert all(Checkpoint(tmp_path).verify(p) is None for p in Checkpoint(tmp_path).checkpoints())
+
+
+def test_background_and_synchronous_checkpoints_hold_the_same_state(tmp_path):
+    for mode in (True, False):
+        torch.manual_seed(0)
+        drive([LossTracker(eval_freq=2), Checkpoint(tmp_path / str(mode), async_write=mode)], steps_per_epoch=4)
+    a = Checkpoint(tmp_path / "True").load(tmp_path / "True" / "ckpt-00000004.pt")
+    b = Checkpoint(tmp_path / "False").load(tmp_path / "False" / "ckpt-00000004.pt")
+    assert a["plugins"] == b["plugins"] and a["settings"] == b["settings"]
+    assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+    assert a["engine"]["step"] == b["engine"]["step"] and torch.equal(
+        a["engine"]["rng"][0]["torch"], b["engine"]["rng"][0]["torch"]
+    )
+
+
+def test_a_failed_background_write_surfaces_at_the_next_step(tmp_path, monkeypatch):
+    from enginekit.plugins import CheckpointWriteError
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    monkeypatch.setattr(ckpt_module.torch, "save", failing_save("Read-only file system"))
+    seen = []
+
+    class Steps:
+        @hookimpl
+        def after_step(self, engine, loss):
+            seen.append(engine.state.step)
+            time.sleep(0.05)  # leave the background write time to fail
+
+    with pytest.raises(CheckpointWriteError, match="could not write ckpt-00000002.pt: RuntimeError: Read-only"):
+        drive([Steps(), Checkpoint(tmp_path, every_steps=2, every_epoch=False)], steps_per_epoch=10)
+    assert seen[-1] <= 3  # at the step after the failed write, not at the end of the run
