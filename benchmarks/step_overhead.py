@@ -20,23 +20,10 @@ from collections.abc import Callable
 
 import torch
 from _common import machine
+from engine_overhead import NoOp
 from torch.utils.data import DataLoader, TensorDataset
 
-from enginekit import Engine, hookimpl
-
-
-class NoOp:
-    @hookimpl
-    def before_step(self, engine, batch):
-        pass
-
-    @hookimpl
-    def after_backward(self, engine):
-        pass
-
-    @hookimpl
-    def after_step(self, engine, loss):
-        pass
+from enginekit import Engine
 
 
 def loader(steps: int) -> DataLoader:
