@@ -477,3 +477,17 @@ def test_an_error_passing_through_a_wrappers_yield_names_the_plugin_that_raised(
 
     with pytest.raises(PluginError, match="plugin 'fails' failed in hook 'before_fit'"):
         drive([Wraps(), Fails()], steps_per_epoch=2)
+
+
+def test_a_second_signal_aborts_at_once_even_during_set_up_or_resume_loading():
+    class TwoTerms:
+        @hookimpl
+        def before_fit(self, engine):
+            signal.raise_signal(signal.SIGTERM)  # deferred: remembered, the hook goes on
+            signal.raise_signal(signal.SIGTERM)  # the second one aborts right here
+            raise AssertionError("not reached")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        drive([TwoTerms()], steps_per_epoch=2)
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are restored after the abort too
