@@ -62,7 +62,8 @@ def main() -> None:
         CosineDecay(min_lr=1e-5),
         GradClip(max_norm=1.0, start_step=3),
         tracker,
-        Checkpoint(out / "checkpoints", every_steps=5, resume=args.resume),
+        # synchronous, so a kill at a given step finds a known set of files on disk
+        Checkpoint(out / "checkpoints", every_steps=5, resume=args.resume, async_write=False),
     ]
     if args.kill_at is not None:
         plugins.append(KillAt(args.kill_at))

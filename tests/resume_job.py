@@ -1,6 +1,6 @@
 """A small training job for the resume and crash tests, run in fresh processes.
 
-    python tests/resume_job.py OUT [--kill-at K] [--pause-write-at K] [--resume]
+    python tests/resume_job.py OUT [--kill-at K] [--pause-write-at K] [--resume] [--async-writes]
                                    [--broken-rng | --broken-schedule]
 
 Trains a tiny GPT (dropout on, shuffled data) for 3 epochs with every appendix-D plugin, a
@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--kill-at", type=int)
     p.add_argument("--pause-write-at", type=int)
+    # synchronous by default, so a kill at a given step finds a known set of files on disk
+    p.add_argument("--async-writes", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--broken-rng", action="store_true")
     p.add_argument("--broken-schedule", action="store_true")
@@ -89,7 +91,9 @@ def main() -> None:
         CosineDecay(min_lr=1e-5),
         GradClip(max_norm=1.0, start_step=WARMUP),
         tracker,
-        Checkpoint(args.out / "checkpoints", every_steps=4, keep_last=3, resume=args.resume),
+        Checkpoint(
+            args.out / "checkpoints", every_steps=4, keep_last=3, resume=args.resume, async_write=args.async_writes
+        ),
     ]
     if args.kill_at is not None:
         plugins.append(KillAt(args.kill_at))

@@ -97,9 +97,11 @@ def test_negative_controls_resume_without_rng_or_schedule_state_differs(uninterr
         assert_identical(broken, uninterrupted)
 
 
-def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--async-writes"]], ids=["synchronous", "background"])
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted, tmp_path, mode):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(JOB), str(out), "--pause-write-at", "16"], stdout=subprocess.DEVNULL)
+    cmd = [sys.executable, str(JOB), str(out), "--pause-write-at", "16", *mode]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not (out / "paused").exists():
