@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--async-writes", action="store_true")
     args = p.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     out = args.out / f"rank{rank}" if args.per_rank_dirs else args.out
@@ -62,8 +63,8 @@ def main() -> None:
         CosineDecay(min_lr=1e-5),
         GradClip(max_norm=1.0, start_step=3),
         tracker,
-        # synchronous, so a kill at a given step finds a known set of files on disk
-        Checkpoint(out / "checkpoints", every_steps=5, resume=args.resume, async_write=False),
+        # synchronous unless asked, so a kill at a given step finds a known set of files on disk
+        Checkpoint(out / "checkpoints", every_steps=5, resume=args.resume, async_write=args.async_writes),
     ]
     if args.kill_at is not None:
         plugins.append(KillAt(args.kill_at))

@@ -148,3 +148,15 @@ def test_another_process_count_is_refused_by_the_documented_check(two_ranks, tmp
     )
     assert proc.returncode != 0
     assert "was written by 2 process(es) but this run has 1; resume with the same number of processes" in proc.stderr
+
+
+def test_background_checkpoint_writes_under_two_ranks(two_ranks, tmp_path):
+    reference, _ = two_ranks
+    torchrun(tmp_path, "--async-writes")
+    from enginekit.plugins import Checkpoint
+
+    ckpt = Checkpoint(tmp_path / "checkpoints")
+    assert ckpt.checkpoints() and all(ckpt.verify(p) is None for p in ckpt.checkpoints())
+    ref0 = torch.load(reference / "result-rank0.pt", weights_only=True)
+    for res in results(tmp_path):
+        assert all(torch.equal(res["model"][k], ref0["model"][k]) for k in ref0["model"])
