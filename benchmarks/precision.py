@@ -3,6 +3,8 @@ closely the bf16 loss curve follows fp32's over the first steps from the same we
 
     python benchmarks/precision.py            # 124M model, 30 steps each (~5 min on 2 cores)
     python benchmarks/precision.py --quick    # small model
+    python benchmarks/precision.py --windows --steps 12 --rounds 2
+        # engine and hand loop side by side, fp32 and bf16, early steps (1-3) and later ones apart
 """
 
 from __future__ import annotations
@@ -11,7 +13,42 @@ import argparse
 import statistics
 
 import torch
-from _common import CONFIGS, machine, real_batches, run_engine, summary
+from _common import CONFIGS, machine, real_batches, run_engine, run_plain, summary
+
+
+def windows(cfg: dict, batches: list, rounds: int) -> None:
+    """Step times by window: steps 1-3 (after one warm-up step, as a short measurement sees them)
+    and steps 4 on, for the engine and a hand loop, fp32 and bf16, in rotating interleaved rounds."""
+    runs = {
+        ("engine", "fp32"): lambda: run_engine(cfg, batches, "fp32")[0],
+        ("engine", "bf16"): lambda: run_engine(cfg, batches, "bf16")[0],
+        ("hand", "fp32"): lambda: run_plain(cfg, batches, "fp32")[0],
+        ("hand", "bf16"): lambda: run_plain(cfg, batches, "bf16")[0],
+    }
+    keys = list(runs)
+    early: dict = {k: [] for k in keys}
+    late: dict = {k: [] for k in keys}
+    for r in range(rounds):
+        for key in keys[r % 4 :] + keys[: r % 4]:
+            times = runs[key]()
+            early[key].append(statistics.median(times[1:4]))
+            late[key].append(statistics.median(times[4:]))
+            print(
+                f"round {r + 1}: {key[0]:<6} {key[1]}  steps 1-3 {early[key][-1]:.3f} s  steps 4+ {late[key][-1]:.3f} s"
+            )
+    print(f"\nmedian s/step over {rounds} rounds (min-max); speed-up = fp32 / bf16 of the same loop")
+    for loop in ("engine", "hand"):
+        for label, table in (("steps 1-3", early), ("steps 4+ ", late)):
+            f32, b16 = summary(table[(loop, "fp32")]), summary(table[(loop, "bf16")])
+            ups = [a / b for a, b in zip(table[(loop, "fp32")], table[(loop, "bf16")])]
+            print(
+                f"{loop:<6} {label}: fp32 {f32[0]:.3f} ({f32[1]:.3f}-{f32[2]:.3f})  bf16 {b16[0]:.3f} "
+                f"({b16[1]:.3f}-{b16[2]:.3f})  speed-up {statistics.median(ups):.2f}x ({min(ups):.2f}-{max(ups):.2f})"
+            )
+    for precision in ("fp32", "bf16"):
+        ratios = [e / h for e, h in zip(late[("engine", precision)], late[("hand", precision)])]
+        spread = f"({min(ratios):.3f}-{max(ratios):.3f})"
+        print(f"engine / hand loop, {precision}, steps 4+: {statistics.median(ratios):.3f} {spread}")
 
 
 def main() -> None:
@@ -19,12 +56,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small model")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per precision (default 3, quick 5)")
+    p.add_argument("--windows", action="store_true", help="engine and hand loop, early and later steps apart")
     args = p.parse_args()
     name = "small" if args.quick else "124M"
     rounds = args.rounds or (5 if args.quick else 3)
     cfg = CONFIGS[name]
     batches = real_batches(cfg, args.steps)
     print(f"machine: {machine()}")
+    if args.windows:
+        windows(cfg, batches, rounds)
+        return
     run_engine(cfg, batches[:2], "bf16")
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     curves: dict[str, list[float]] = {}
