@@ -72,8 +72,8 @@ class Engine:
 
     What plugins use: ``state`` (:class:`TrainState`, counters and plan facts), ``metrics``
     (:class:`~enginekit.metrics.Metrics`, the metrics channel), ``model``, ``optimizer``,
-    ``train_loader``, ``val_loader``, ``device``, ``loss_fn``, and the methods ``evaluate``,
-    ``publish_evaluation``, ``print`` and ``all_true``.
+    ``train_loader``, ``val_loader``, ``device``, ``loss_fn``, ``forward_fn``, and the methods
+    ``evaluate``, ``publish_evaluation``, ``print``, ``all_true`` and ``broadcast_from_main``.
     """
 
     def __init__(

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from enginekit.checks import check_count
 from enginekit.engine import Engine
 from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.hookspec import hookimpl
@@ -129,8 +130,7 @@ class Checkpoint:
             isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 1
         ):
             raise ValueError(f"Checkpoint: every_steps must be an int >= 1 or None, got {every_steps!r}")
-        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f"Checkpoint: keep_last must be an int >= 1, got {keep_last!r}")
+        check_count("Checkpoint: ", "keep_last", keep_last)
         self.dir = Path(dir)
         self.every_steps = every_steps
         self.every_epoch = every_epoch

@@ -9,6 +9,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+from enginekit.checks import check_count
 from enginekit.engine import Engine
 from enginekit.files import atomic_write
 from enginekit.hookspec import hookimpl
@@ -38,10 +39,8 @@ class LossTracker:
     """
 
     def __init__(self, eval_freq: int = 5, eval_iter: int = 1, out_dir: str | os.PathLike[str] | None = None) -> None:
-        if isinstance(eval_freq, bool) or not isinstance(eval_freq, int) or eval_freq < 1:
-            raise ValueError(f"LossTracker: eval_freq must be an int >= 1, got {eval_freq!r}")
-        if isinstance(eval_iter, bool) or not isinstance(eval_iter, int) or eval_iter < 1:
-            raise ValueError(f"LossTracker: eval_iter must be an int >= 1, got {eval_iter!r}")
+        check_count("LossTracker: ", "eval_freq", eval_freq)
+        check_count("LossTracker: ", "eval_iter", eval_iter)
         self.eval_freq = eval_freq
         self.eval_iter = eval_iter
         self.out_dir = Path(out_dir) if out_dir is not None else None

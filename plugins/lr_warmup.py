@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from enginekit.checks import check_number
+from enginekit.checks import check_count, check_number
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
 
@@ -48,10 +48,8 @@ class LRWarmup:
     ) -> None:
         if (warmup_steps is None) == (warmup_fraction is None):
             raise ValueError("LRWarmup: give exactly one of warmup_steps and warmup_fraction")
-        if warmup_steps is not None and (
-            isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1
-        ):
-            raise ValueError(f"LRWarmup: warmup_steps must be an int >= 1, got {warmup_steps!r}")
+        if warmup_steps is not None:
+            check_count("LRWarmup: ", "warmup_steps", warmup_steps)
         if warmup_fraction is not None and not 0.0 < warmup_fraction < 1.0:  # NaN fails too
             raise ValueError(f"LRWarmup: warmup_fraction must be between 0 and 1, got {warmup_fraction!r}")
         check_number("LRWarmup: ", "initial_lr", initial_lr, minimum=0.0)

@@ -7,6 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from enginekit.checks import check_count
 from enginekit.engine import Engine
 from enginekit.hookspec import hookimpl
 
@@ -23,8 +24,7 @@ class ProgressBar:
     """
 
     def __init__(self, refresh_every: int = 10, **tqdm_kwargs: Any) -> None:
-        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-            raise ValueError(f"ProgressBar: refresh_every must be an int >= 1, got {refresh_every!r}")
+        check_count("ProgressBar: ", "refresh_every", refresh_every)
         self.refresh_every = refresh_every
         self.tqdm_kwargs = tqdm_kwargs
         self.bar: tqdm | None = None

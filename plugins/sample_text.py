@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from enginekit.checks import check_count
 from enginekit.data import gpt2_tokenizer
 from enginekit.engine import Engine
 from enginekit.gpt import generate, text_to_token_ids, token_ids_to_text
@@ -25,8 +26,7 @@ class SampleText:
     ) -> None:
         if not start_context:
             raise ValueError("SampleText: start_context must be a non-empty string")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"SampleText: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_count("SampleText: ", "max_new_tokens", max_new_tokens)
         self.start_context = start_context
         self.max_new_tokens = max_new_tokens
         self.tokenizer = tokenizer
