@@ -3,20 +3,29 @@ same steps through ``Engine`` with no plugin and with 7 no-op plugins implementi
 step hooks. The model is so small that the difference is the engine: hook dispatch, the metrics
 channel, batch handling, the non-finite check (one host read), bookkeeping.
 
-    python benchmarks/step_overhead.py                 # 15 interleaved rounds of 2,000 steps
-    python benchmarks/step_overhead.py --rounds 5 --steps 500
+    python benchmarks/step_overhead.py                 # 3 x 200 blocks of 25 steps
+    python benchmarks/step_overhead.py --blocks 40
 
-Per round, the three variants run back to back in a rotating order; each reports its mean time
-per step. The engine's cost is the per-round difference from the bare loop; the table gives the
-median over rounds with the spread (min-max) and the interquartile range.
+How it measures, and why. This VM's speed drifts by tens of percent from one second to the
+next (other guests take its cores), far more than the microseconds measured here, so timing
+each variant as a separate run compares drifts. Instead the three variants run side by side in
+threads that take turns: one runs a block of 25 steps while the others wait, then hands over.
+A cycle is one block of each variant (a few milliseconds, in a rotating order); whatever slows
+the machine hits all three alike. Every variant draws its batches through the same timing
+loader, which notes the clock at each fetch: one step is the time between two fetches,
+everything the loop does per step included (fit's one-off set-up is not a step). Per block the
+median step is kept, the block's first two steps (caches cold after a hand-over) left out. The
+engine's cost is its block median minus the bare loop's in the same cycle; the table gives the
+median of those differences over all cycles, their interquartile range and their 5-95% range.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from _common import machine
@@ -26,70 +35,147 @@ from torch.utils.data import DataLoader, TensorDataset
 from enginekit import Engine
 
 
-def loader(steps: int) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(steps, 2, generator=g)
-    return DataLoader(TensorDataset(x, x.flip(1)), batch_size=1)
+class Turns:
+    """Who runs now: a schedule of variant indices, one entry per block."""
+
+    def __init__(self, schedule: list[int], n: int) -> None:
+        self.schedule = schedule
+        self.position = 0
+        self.go = [threading.Semaphore(0) for _ in range(n)]
+
+    def start(self) -> None:
+        self.go[self.schedule[0]].release()
+
+    def wait(self, me: int) -> None:
+        self.go[me].acquire()
+
+    def hand_over(self) -> None:
+        self.position += 1
+        if self.position < len(self.schedule):
+            self.go[self.schedule[self.position]].release()
+
+
+class TimedLoader:
+    """A DataLoader that notes the clock at every batch it hands out and, after each block but
+    the last, hands the CPU to the next variant; ``steps`` holds each block's step times."""
+
+    def __init__(self, blocks: int, block: int, turns: Turns, me: int) -> None:
+        g = torch.Generator().manual_seed(me)
+        x = torch.randn(blocks * block, 2, generator=g)
+        self.loader = DataLoader(TensorDataset(x, x.flip(1)), batch_size=1)
+        self.blocks, self.block, self.turns, self.me = blocks, block, turns, me
+        self.steps: list[list[float]] = []  # per block, its steps' times
+
+    def __len__(self) -> int:
+        return self.blocks * self.block
+
+    def _close_block(self, stamps: list[float]) -> None:
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        self.steps.append(gaps[2:])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stamps: list[float] = []
+        for i, batch in enumerate(self.loader):
+            stamps.append(time.perf_counter())
+            if i % self.block == 0 and i > 0:  # batch i starts the next block: the previous one is whole
+                self._close_block(stamps)
+                self.turns.hand_over()
+                self.turns.wait(self.me)
+                stamps = [time.perf_counter()]
+            yield batch
+        # the last block's last step ends when the loop ends, not at a fetch: it goes uncounted
+        self._close_block(stamps)
 
 
 def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean()
 
 
-def bare(steps: int) -> float:
+def bare(data: TimedLoader) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    data = loader(steps)
-    start = time.perf_counter()
     for inputs, targets in data:
         loss = mse(model(inputs), targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
 
 
-def through_engine(n_plugins: int) -> Callable[[int], float]:
-    def run(steps: int) -> float:
+def through_engine(n_plugins: int) -> Callable[[TimedLoader], None]:
+    def run(data: TimedLoader) -> None:
         torch.manual_seed(0)
         model = torch.nn.Linear(2, 2)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         plugins = [(f"noop{i}", NoOp()) for i in range(n_plugins)]
-        engine = Engine(model, opt, loader(steps), plugins=plugins, device="cpu", loss_fn=mse)
-        start = time.perf_counter()
-        engine.fit()
-        return (time.perf_counter() - start) / steps
+        Engine(model, opt, data, plugins=plugins, device="cpu", loss_fn=mse).fit()
 
     return run
 
 
+def measure(variants: list[Callable[[TimedLoader], None]], blocks: int, block: int) -> list[list[list[float]]]:
+    """Each variant's step times (seconds) per block, the variants taking turns block by block."""
+    n = len(variants)
+    schedule = [
+        order for cycle in range(blocks) for order in (list(range(n))[cycle % n :] + list(range(n))[: cycle % n])
+    ]
+    turns = Turns(schedule, n)
+    loaders = [TimedLoader(blocks, block, turns, me) for me in range(n)]
+
+    def worker(me: int) -> None:
+        turns.wait(me)
+        variants[me](loaders[me])
+        turns.hand_over()  # after the whole run, so no teardown overlaps another variant's block
+
+    threads = [threading.Thread(target=worker, args=(me,)) for me in range(n)]
+    for t in threads:
+        t.start()
+    turns.start()
+    for t in threads:
+        t.join()
+    return [loader.steps for loader in loaders]
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--blocks", type=int, default=200, help="blocks per variant (default 200)")
+    p.add_argument("--block", type=int, default=25, help="steps per block (default 25)")
+    p.add_argument("--segments", type=int, default=10, help="consecutive parts of the run compared separately")
     args = p.parse_args()
-    variants = {"bare loop": bare, "engine, no plugin": through_engine(0), "engine, 7 plugins": through_engine(7)}
-    for fn in variants.values():
-        fn(200)  # warm up allocator, dispatcher and caches
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(args.rounds):
-        for name in names[r % 3 :] + names[: r % 3]:  # rotate who goes first
-            times[name].append(variants[name](args.steps))
+    names = ["bare loop", "engine, no plugin", "engine, 7 plugins"]
+    variants = [bare, through_engine(0), through_engine(7)]
+    measure(variants, 4, args.block)  # warm up allocator, dispatcher and caches
+    blocks = measure(variants, args.blocks, args.block)
+    per = max(1, args.blocks // args.segments)
+    # per segment (a run of consecutive cycles), each variant's steps pooled
+    segments = [
+        [[t for b in mine[i : i + per] for t in b] for mine in blocks] for i in range(0, args.blocks - per + 1, per)
+    ]
     print(f"machine: {machine()}")
-    print(f"{args.rounds} rounds x {args.steps} steps, Linear(2, 2), batch 1, SGD; microseconds per step")
-    print(f"{'variant':<20} {'median step':>12} {'added: median':>14} {'[IQR]':>16} {'range':>16}")
-    for name in names:
-        per_step = statistics.median(times[name]) * 1e6
-        added = [(t - b) * 1e6 for t, b in zip(times[name], times["bare loop"])]
-        q1, q2, q3 = statistics.quantiles(added, n=4) if len(added) > 1 else (added[0],) * 3
-        extra = (
-            ""
-            if name == "bare loop"
-            else f"{q2:>14.1f} [{q1:>6.1f}-{q3:>6.1f}] [{min(added):>6.1f}-{max(added):>6.1f}]"
-        )
-        print(f"{name:<20} {per_step:>12.1f} {extra}")
+    print(f"{args.blocks} blocks x {args.block} steps per variant, taking turns; Linear(2, 2), batch 1, SGD")
+    print(
+        f"microseconds per step. p10 and median: the steps' 10th percentile and median in each of "
+        f"{len(segments)} segments; added: the engine's minus the bare loop's, median over segments [min-max]"
+    )
+    print(f"{'variant':<20} {'p10':>7} {'median':>7}   {'added at p10':>22}   {'added at median':>22}")
+    for v, name in enumerate(names):
+        row = f"{name:<20}"
+        stats = {}
+        for label, q in (("p10", 0.10), ("median", 0.5)):
+            mine = [quantile(seg[v], q) * 1e6 for seg in segments]
+            bare_q = [quantile(seg[0], q) * 1e6 for seg in segments]
+            stats[label] = (mine, [m - b for m, b in zip(mine, bare_q)])
+        row += f" {statistics.median(stats['p10'][0]):>7.1f} {statistics.median(stats['median'][0]):>7.1f}"
+        if v:
+            for label in ("p10", "median"):
+                added = stats[label][1]
+                row += f"   {statistics.median(added):>7.1f} [{min(added):>6.1f}-{max(added):>6.1f}]"
+        print(row)
 
 
 if __name__ == "__main__":

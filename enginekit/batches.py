@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,30 +13,35 @@ __all__ = ["count_tokens", "default_forward", "to_device"]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor moved to ``device`` (non-blocking), through tuples, lists and dicts."""
+    """``batch`` with every tensor moved to ``device`` (non-blocking), through tuples, lists and dicts.
+
+    A batch already on ``device`` comes back as the very same object, with no copy of its containers.
+    """
     if isinstance(batch, torch.Tensor):
         return batch if batch.device == device else batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):  # before Mapping: an ABC check costs more than these
+        moved = [v if isinstance(v, torch.Tensor) and v.device == device else to_device(v, device) for v in batch]
+        if all(map(operator.is_, moved, batch)):
+            return batch
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # namedtuple or not
     if isinstance(batch, Mapping):
         return type(batch)({k: to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
 def _first_tensor(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, torch.Tensor):
         return batch
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            found = item if isinstance(item, torch.Tensor) else _first_tensor(item)
+            if found is not None:
+                return found
+        return None
     if isinstance(batch, Mapping):
         if isinstance(batch.get("input_ids"), torch.Tensor):
             return batch["input_ids"]
-        batch = list(batch.values())
-    if isinstance(batch, (tuple, list)):
-        for item in batch:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
+        return _first_tensor(list(batch.values()))
     return None
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -70,11 +69,8 @@ class Distributed:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.ddp: nn.Module | None = None
+        self.active = False  # an attribute, not a property: the step reads it every time
         self._owns_process_group = False
-
-    @property
-    def active(self) -> bool:
-        return self.ddp is not None
 
     def setup(self, model: nn.Module, train_loader: Iterable[Any], state: TrainState) -> Iterable[Any]:
         """Join the group, wrap ``model`` in DDP; returns the training loader sharded for this rank."""
@@ -99,6 +95,7 @@ class Distributed:
             loader = shard_loader(loader, state.rank, state.world_size, int(seed.item()))
         device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
         self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+        self.active = True
         return loader
 
     def teardown(self) -> None:
@@ -106,16 +103,10 @@ class Distributed:
             return
         import torch.distributed as dist
 
-        self.ddp = None
+        self.ddp, self.active = None, False
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_process_group = False
-
-    def no_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[Any]:
-        """DDP all-reduces gradients on the step's last micro-batch only."""
-        if self.ddp is None or last_micro_batch:
-            return contextlib.nullcontext()
-        return self.ddp.no_sync()  # type: ignore[operator]
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` averaged over ranks (a copy)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from itertools import islice
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from .evaluation import mean_loss
 from .metrics import Metrics
 from .nonfinite import NonFinitePolicy
 from .precision import Precision
-from .registry import PluginError, Registry
+from .registry import Registry
 from .resume import DataPosition, engine_state_dict, load_engine_state
 from .signals import StopSignals
 from .state import TrainState, capture_rng
@@ -103,6 +105,7 @@ class Engine:
         self.grad_accum_steps = grad_accum_steps
         self.loss_fn = loss_fn or lm_loss
         self.forward_fn = forward_fn or default_forward
+        self._forward_loss = self._precision.autocasting(self._loss_of)  # fp32: _loss_of itself, no context
         self.model = model.to(self.device)
         self.optimizer = optimizer
         self.train_loader = train_loader
@@ -115,6 +118,8 @@ class Engine:
         self._registry = Registry()
         self.pm, self.hook = self._registry.pm, self._registry.hook
         self._registry.register_all(plugins, autoload=autoload_plugins)
+        #: ``_emit(hook_name, **kwargs)`` calls a hook's implementations (see ``Registry.emit``)
+        self._emit = partial(self._registry.emit, engine=self)
 
     #: ``Engine.pick_device("auto")`` resolves a device the way the engine does.
     pick_device = staticmethod(resolve_device)
@@ -127,15 +132,6 @@ class Engine:
     def plugins(self) -> dict[str, Any]:
         """Registered plugins by registration name, in registration order."""
         return self._registry.plugins
-
-    def _emit(self, hook_name: str, **kwargs: Any) -> None:
-        try:
-            getattr(self.hook, hook_name)(engine=self, **kwargs)
-        except PluginError:
-            raise
-        except Exception as exc:
-            where = f"at step {self.state.step} (epoch {self.state.epoch})"
-            raise self._registry.plugin_error(hook_name, exc, where) from exc
 
     # ------------------------------------------------------------------ the loop
 
@@ -196,7 +192,7 @@ class Engine:
         batches = self._position.epoch_batches(self.train_loader)
         exhausted = False
         while st.step < st.total_steps and not st.should_stop:
-            micro_batches = [b for _, b in zip(range(self.grad_accum_steps), batches)]
+            micro_batches = list(islice(batches, self.grad_accum_steps))
             if not micro_batches:
                 exhausted = True
                 break
@@ -237,9 +233,11 @@ class Engine:
         # 2. unscale fp16 gradients so after_backward sees true magnitudes
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        # 3. a non-finite loss never reaches the weights
-        if not self._nonfinite.allows(loss, st, opt, self.scaler, self.print):
+        # 3. a non-finite loss never reaches the weights (the step's one host read; free on CPU)
+        if not math.isfinite(loss.item()):
+            self._nonfinite.skip_or_raise(loss, st, opt, self.scaler, self.print)
             return False
+        st.skipped_steps = 0
         # 3b. fp16: gradients that overflowed although the loss was finite: GradScaler lowers its
         #     scale and the step is not taken, so it is not counted either (retried with the next batch)
         if self.scaler is not None and self._precision.overflowed(opt):
@@ -264,22 +262,31 @@ class Engine:
 
     def _forward_backward(self, micro_batches: list[Any]) -> tuple[torch.Tensor, int]:
         n = len(micro_batches)
-        forward = self._dist.ddp or self.model
         total: torch.Tensor | None = None
         tokens = 0
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
-            with self._dist.no_sync(last_micro_batch=i == n - 1):
-                with self._precision.autocast():
-                    outputs, targets = self.forward_fn(forward, batch)
-                    loss = self.loss_fn(outputs, targets)
-                if n > 1:
-                    loss = loss / n
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if self._dist.active and i < n - 1:  # DDP all-reduces gradients on the last micro-batch only
+                with self._dist.ddp.no_sync():  # type: ignore[union-attr, operator]
+                    loss = self._backward(batch, n)
+            else:
+                loss = self._backward(batch, n)
             total = loss.detach() if total is None else total + loss.detach()
             tokens += count_tokens(batch)
         assert total is not None
         return total, tokens
+
+    def _backward(self, batch: Any, n: int) -> torch.Tensor:
+        """One micro-batch: forward and loss (under autocast in bf16/fp16), averaged over ``n``, backward."""
+        loss = self._forward_loss(self._dist.ddp or self.model, batch)
+        if n > 1:
+            loss = loss / n
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss
+
+    def _loss_of(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        outputs, targets = self.forward_fn(model, batch)
+        return self.loss_fn(outputs, targets)
 
     def _steps_per_epoch(self) -> int:
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -27,18 +26,16 @@ class NonFinitePolicy:
         self.policy = policy
         self.max_skips = max_skips
 
-    def allows(
+    def skip_or_raise(
         self,
         loss: torch.Tensor,
         state: TrainState,
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler | None,
         say: Callable[[str], None],
-    ) -> bool:
-        """Whether the step may update the weights: the one host read of the step (free on CPU)."""
-        if math.isfinite(loss.item()):  # on CPU a tenth of bool(torch.isfinite(loss)); on a GPU the same sync
-            state.skipped_steps = 0
-            return True
+    ) -> None:
+        """The step's loss is not finite (the engine checked, with the step's one host read):
+        raise, or drop the gradients and count a skip so the loop retries with the next batch."""
         optimizer.zero_grad(set_to_none=True)
         where = f"at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch} of the epoch)"
         if self.policy == "error":
@@ -55,4 +52,3 @@ class NonFinitePolicy:
             raise NonFiniteLossError(
                 f"{state.skipped_steps} consecutive steps had a non-finite loss, the last {where}; giving up"
             )
-        return False

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 __all__ = ["PRECISIONS", "Precision"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+T = TypeVar("T")
 
 
 class Precision:
@@ -44,6 +47,19 @@ class Precision:
             return False
         found = self.scaler._found_inf_per_device(optimizer)
         return bool(sum(v.item() for v in found.values()))
+
+    def autocasting(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn`` run under autocast to this precision's dtype; in fp32 ``fn`` itself, so the
+        per-step path enters no context at all."""
+        if self.dtype is None:
+            return fn
+        device_type, dtype = self.device_type, self.dtype
+
+        def autocast_fn(*args: Any) -> T:
+            with torch.autocast(device_type=device_type, dtype=dtype):
+                return fn(*args)
+
+        return autocast_fn
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype is None:
