@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -675,16 +676,60 @@ def test_a_background_write_lets_training_go_on_and_the_end_of_fit_waits_for_it(
 
 
 def test_background_and_synchronous_checkpoints_hold_the_same_state(tmp_path):
+    # saves after steps 4 and 8 are written in the background (the second into the first's
+    # reused buffers); the last one, after step 12, in the foreground
     for mode in (True, False):
         torch.manual_seed(0)
-        drive([LossTracker(eval_freq=2), Checkpoint(tmp_path / str(mode), async_write=mode)], steps_per_epoch=4)
-    a = Checkpoint(tmp_path / "True").load(tmp_path / "True" / "ckpt-00000004.pt")
-    b = Checkpoint(tmp_path / "False").load(tmp_path / "False" / "ckpt-00000004.pt")
-    assert a["plugins"] == b["plugins"] and a["settings"] == b["settings"]
-    assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
-    assert a["engine"]["step"] == b["engine"]["step"] and torch.equal(
-        a["engine"]["rng"][0]["torch"], b["engine"]["rng"][0]["torch"]
-    )
+        checkpoint = Checkpoint(tmp_path / str(mode), async_write=mode, keep_last=5)
+        drive([LossTracker(eval_freq=2), checkpoint], epochs=3, steps_per_epoch=4)
+    for name in ("ckpt-00000004.pt", "ckpt-00000008.pt", "ckpt-00000012.pt"):
+        a = Checkpoint(tmp_path / "True").load(tmp_path / "True" / name)
+        b = Checkpoint(tmp_path / "False").load(tmp_path / "False" / name)
+        assert a["plugins"] == b["plugins"] and a["settings"] == b["settings"]
+        assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+        assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+        assert a["engine"]["step"] == b["engine"]["step"] and torch.equal(
+            a["engine"]["rng"][0]["torch"], b["engine"]["rng"][0]["torch"]
+        )
+
+
+def test_background_saves_copy_into_the_same_host_buffers_and_the_last_save_needs_no_copy(tmp_path, monkeypatch):
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    started = []
+
+    class CountingThread(threading.Thread):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(ckpt_module.threading, "Thread", CountingThread)
+    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False, keep_last=5)
+    buffers = []
+
+    class Watch:
+        @hookimpl
+        def after_step(self, engine, loss):
+            buffers.append([b.data_ptr() for b in checkpoint._host_copy._buffers])
+
+    drive([Watch(), checkpoint], steps_per_epoch=6)
+    # steps 0..5: saves after steps 2 and 4 in the background, after step 6 (the last) in the foreground
+    assert started == ["enginekit-ckpt-00000002.pt", "enginekit-ckpt-00000004.pt"]
+    assert buffers[2] and buffers[4] == buffers[2]  # the second copy went into the first one's buffers
+    assert checkpoint._host_copy._buffers == []  # freed at the end of fit
+    assert [p.name for p in checkpoint.checkpoints()] == ["ckpt-00000006.pt", "ckpt-00000004.pt", "ckpt-00000002.pt"]
+
+
+def test_checkpoints_carry_no_crc32_and_leave_torchs_own_setting_alone(tmp_path):
+    import zipfile
+
+    drive([Checkpoint(tmp_path, every_steps=1, every_epoch=False)], steps_per_epoch=3)
+    path = tmp_path / "ckpt-00000002.pt"
+    with zipfile.ZipFile(path) as archive:
+        records = [info for info in archive.infolist() if "/data/" in info.filename]
+    assert records and all(info.CRC == 0 for info in records)  # the sha256 guards the file instead
+    assert Checkpoint(tmp_path).verify(path) is None
+    assert torch.serialization.get_crc32_options() is True  # the user's own torch.save still writes them
 
 
 def test_a_failed_background_write_surfaces_at_the_next_step(tmp_path, monkeypatch):
