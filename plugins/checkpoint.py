@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import threading
 from collections.abc import Generator
 from pathlib import Path
@@ -303,6 +304,7 @@ class Checkpoint:
         return None
 
     def _write_in_background(self, path: Path, payload: dict[str, Any], needs: int) -> None:
+        _lowest_priority()
         self._background_error = self._write_now(path, payload, needs)
 
     def _newest_line(self) -> str:
@@ -632,6 +634,19 @@ def _not_a_checkpoint_file(path: Path) -> str | None:
     return None
 
 
+def _lowest_priority() -> None:
+    """Let training's threads win every core the writer competes for (Linux nice is per thread).
+
+    Measured on 2 cores (124M): at normal priority the step after a background save took 9-13 s
+    instead of 3.3 s, as torch's OpenMP threads kept waiting at their barriers for the one the
+    writer had displaced; at the lowest priority the writer uses what training leaves."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass  # a priority is an optimisation; the write itself must go on
+
+
 def _fit_ends(state: Any) -> bool:
     """At a save point: no step follows in this fit."""
     return bool(state.should_stop or state.step >= state.total_steps)
@@ -680,9 +695,18 @@ class _HostCopy:
 
 
 def _first_nonfinite(model: torch.nn.Module) -> str | None:
-    """Name of the first parameter holding NaN or inf, or None (one reduction per tensor)."""
-    for name, param in model.named_parameters():
-        if not bool(torch.isfinite(param).all()):
+    """Name of the first parameter holding NaN or inf, or None.
+
+    A sum per tensor, read back once: a tensor with a NaN or inf never has a finite sum, and a
+    sum is several times cheaper than ``isfinite().all()``, which builds a mask as big as the
+    weights. A non-finite sum is then checked element by element, since huge finite weights
+    can overflow a sum too."""
+    named = [(name, param.detach()) for name, param in model.named_parameters()]
+    if not named:
+        return None
+    sums_finite = torch.isfinite(torch.stack([p.sum().float() for _, p in named])).tolist()
+    for (name, p), ok in zip(named, sums_finite):
+        if not ok and not bool(torch.isfinite(p).all()):
             return name
     return None
 

@@ -748,3 +748,34 @@ def test_a_failed_background_write_surfaces_at_the_next_step(tmp_path, monkeypat
     with pytest.raises(CheckpointWriteError, match="could not write ckpt-00000002.pt: RuntimeError: Read-only"):
         drive([Steps(), Checkpoint(tmp_path, every_steps=2, every_epoch=False)], steps_per_epoch=10)
     assert seen[-1] <= 3  # at the step after the failed write, not at the end of the run
+
+
+def test_background_writes_run_at_the_lowest_priority_and_training_keeps_its_own(tmp_path, monkeypatch):
+    from enginekit import files
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are a Linux feature")
+    seen = []
+    monkeypatch.setattr(
+        files, "before_replace", lambda tmp: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    )
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    drive([Checkpoint(tmp_path, every_steps=2, every_epoch=False)], steps_per_epoch=4)
+    # two writes of ckpt-2 (the file, then its hash) in the background, two of ckpt-4 in the foreground
+    assert seen == [19, 19, main_before, main_before]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+def test_the_non_finite_weight_check_is_not_fooled_by_a_sum_that_overflows():
+    from enginekit.plugins.checkpoint import _first_nonfinite
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # finite, but its sum is inf in float32
+    assert _first_nonfinite(model) is None
+    with torch.no_grad():
+        model[1].bias[2] = float("nan")
+    assert _first_nonfinite(model) == "1.bias"
+    with torch.no_grad():
+        model[0].weight[1, 1] = float("-inf")
+    assert _first_nonfinite(model) == "0.weight"
