@@ -46,18 +46,38 @@ class CheckpointWriteError(CheckpointError):
 
 
 class _HashingWriter:
-    """File wrapper that hashes what torch.save writes, so the file is not read back."""
+    """File wrapper that hashes what torch.save writes, so the file is not read back, and puts
+    each 256 MB on disk as it goes.
+
+    Left to the kernel, 2 GB of dirty pages are flushed by its own writeback threads at full
+    priority and slowed training by seconds per save here; synced in slices by the writer itself
+    (at its low priority) and dropped from the page cache once on disk, the same write cost
+    training next to nothing measurable, and the final fsync is short."""
+
+    SLICE = 256 << 20
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.sha = hashlib.sha256()
+        self.written = self.synced = 0
 
     def write(self, data: Any) -> int:
         self.sha.update(data)
-        return self.f.write(data)
+        n = self.f.write(data)
+        self.written += n
+        if self.written - self.synced >= self.SLICE:
+            self.f.flush()
+            _fdatasync(self.f.fileno())
+            if hasattr(os, "posix_fadvise"):  # Linux: these pages are on disk, free them now
+                os.posix_fadvise(self.f.fileno(), self.synced, self.written - self.synced, os.POSIX_FADV_DONTNEED)
+            self.synced = self.written
+        return n
 
     def flush(self) -> None:
         self.f.flush()
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has only fsync
 
 
 def sha256_file(path: Path) -> str:
@@ -89,11 +109,12 @@ class Checkpoint:
         overwrite: with ``resume=False``, a folder that already holds checkpoints is an error
             (they belong to another run); ``True`` deletes them first.
         async_write: copy the state at the save point (one extra copy of weights, optimizer
-            state and the rest, in host memory) and write, fsync, hash and rename it in a
-            background thread while training goes on. At most one write is in flight (the next
-            save waits for it); a failed background write raises at the next step (or, under
-            torchrun, the next save) or at the end of fit; the end of fit and a signal wait for
-            it. ``False`` writes during the save point, as training waits.
+            state and the rest, in host buffers kept between saves) and write, hash, fsync and
+            rename it in a background thread at the lowest priority while training goes on. At
+            most one write is in flight (the next save waits for it); a failed background write
+            raises at the next step (or, under torchrun, the next save) or at the end of fit; the
+            end of fit and a signal wait for it. The last save of a fit is written at once, with
+            no copy. ``False`` writes during the save point, as training waits.
         allow_changes: resuming with other settings than the checkpoint's run (the engine's, the
             plan facts, the optimizer's hyper-parameters, any plugin's constructor settings) is an
             error listing every difference; ``True`` applies the new ones from the resumed step on
@@ -238,8 +259,9 @@ class Checkpoint:
     def save(self, engine: Engine, background: bool | None = None) -> Path:
         """Write a checkpoint of the state now (a save point); every rank must call it.
 
-        In the background (``async_write``, unless ``background=False``) the state is copied
-        first and this returns once the copy is taken; :meth:`wait` blocks until it is on disk.
+        In the background (``async_write``, unless ``background=False`` or no step follows in
+        this fit) the state is copied first and this returns once the copy is taken; :meth:`wait`
+        blocks until it is on disk.
         """
         if background is None:
             # the run's last save is waited for at the end of fit anyway: written now, it needs no copy

@@ -779,3 +779,17 @@ def test_the_non_finite_weight_check_is_not_fooled_by_a_sum_that_overflows():
     with torch.no_grad():
         model[0].weight[1, 1] = float("-inf")
     assert _first_nonfinite(model) == "0.weight"
+
+
+def test_a_checkpoint_goes_to_disk_slice_by_slice_and_still_verifies(tmp_path, monkeypatch):
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    synced = []
+    monkeypatch.setattr(ckpt_module._HashingWriter, "SLICE", 512)
+    monkeypatch.setattr(ckpt_module, "_fdatasync", lambda fd: synced.append(fd))
+    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
+    drive([checkpoint], steps_per_epoch=4)
+    path = tmp_path / "ckpt-00000004.pt"
+    assert len(synced) >= 4  # both checkpoints (22 KB each), slice after slice, before the final fsync
+    assert checkpoint.verify(path) is None and checkpoint.verify(tmp_path / "ckpt-00000002.pt") is None
+    assert checkpoint.load(path)["engine"]["step"] == 4
