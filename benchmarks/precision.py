@@ -5,14 +5,18 @@ closely the bf16 loss curve follows fp32's over the first steps from the same we
     python benchmarks/precision.py --quick    # small model
     python benchmarks/precision.py --windows --steps 12 --rounds 2
         # engine and hand loop side by side, fp32 and bf16, early steps (1-3) and later ones apart
+    python benchmarks/precision.py --matmul   # why: the host's fp32 and bf16 matmul rates at the
+                                              # 124M step's shapes (seconds, no model)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
+import torch.nn.functional as F
 from _common import CONFIGS, machine, real_batches, run_engine, run_plain, summary
 
 
@@ -51,13 +55,53 @@ def windows(cfg: dict, batches: list, rounds: int) -> None:
         print(f"engine / hand loop, {precision}, steps 4+: {statistics.median(ratios):.3f} {spread}")
 
 
+def _gflops(x: torch.Tensor, w: torch.Tensor, autocast: bool = False, reps: int = 20) -> float:
+    """``F.linear(x, w)``'s rate in GFLOP/s, best of 3 timings of ``reps`` calls."""
+
+    def call() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return F.linear(x, w)
+
+    call()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            call()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return 2 * x.shape[0] * x.shape[1] * w.shape[0] / best / 1e9
+
+
+def matmul_rates(tokens: int = 512) -> None:
+    """GFLOP/s of the 124M step's matmul shapes in fp32, bf16 and under bf16 autocast.
+
+    The step's speed-up can only be what the host's bf16 matmuls give: where they are slower than
+    its fp32 ones, no trainer makes bf16 faster. ``ONEDNN_VERBOSE=1`` shows which kernel runs."""
+    shapes = {"attention 768->768": (768, 768), "ff up 768->3072": (768, 3072)}
+    shapes.update({"ff down 3072->768": (3072, 768), "output 768->50257": (768, 50257)})
+    print(f"{tokens} tokens (batch 2 x 256); best of 3; GFLOP/s")
+    print(f"{'shape':<20} {'fp32':>7} {'bf16':>7} {'autocast':>9} {'bf16 / fp32':>12}")
+    for name, (k, n) in shapes.items():
+        x, w = torch.randn(tokens, k), torch.randn(n, k)
+        reps = 3 if n > 10_000 else 20
+        fp32 = _gflops(x, w, reps=reps)
+        bf16 = _gflops(x.bfloat16(), w.bfloat16(), reps=reps)
+        mixed = _gflops(x, w, autocast=True, reps=reps)
+        print(f"{name:<20} {fp32:>7.1f} {bf16:>7.1f} {mixed:>9.1f} {bf16 / fp32:>11.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small model")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per precision (default 3, quick 5)")
     p.add_argument("--windows", action="store_true", help="engine and hand loop, early and later steps apart")
+    p.add_argument("--matmul", action="store_true", help="only the host's fp32/bf16 matmul rates")
     args = p.parse_args()
+    if args.matmul:
+        print(f"machine: {machine()}")
+        matmul_rates()
+        return
     name = "small" if args.quick else "124M"
     rounds = args.rounds or (5 if args.quick else 3)
     cfg = CONFIGS[name]
