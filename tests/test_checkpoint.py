@@ -786,10 +786,14 @@ def test_a_checkpoint_goes_to_disk_slice_by_slice_and_still_verifies(tmp_path, m
 
     synced = []
     monkeypatch.setattr(ckpt_module._HashingWriter, "SLICE", 512)
-    monkeypatch.setattr(ckpt_module, "_fdatasync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(
+        ckpt_module, "_fdatasync", lambda fd: synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name[:18])
+    )
     checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
     drive([checkpoint], steps_per_epoch=4)
     path = tmp_path / "ckpt-00000004.pt"
-    assert len(synced) >= 4  # both checkpoints (22 KB each), slice after slice, before the final fsync
+    # both checkpoints (22 KB each), the background one and the last (foreground) one, slice after
+    # slice before their final fsync
+    assert synced.count(".ckpt-00000002.pt.") >= 2 and synced.count(".ckpt-00000004.pt.") >= 2
     assert checkpoint.verify(path) is None and checkpoint.verify(tmp_path / "ckpt-00000002.pt") is None
     assert checkpoint.load(path)["engine"]["step"] == 4
