@@ -3,29 +3,37 @@ same steps through ``Engine`` with no plugin and with 7 no-op plugins implementi
 step hooks. The model is so small that the difference is the engine: hook dispatch, the metrics
 channel, batch handling, the non-finite check (one host read), bookkeeping.
 
-    python benchmarks/step_overhead.py                 # 3 x 200 blocks of 25 steps
-    python benchmarks/step_overhead.py --blocks 40
+    python benchmarks/step_overhead.py                      # 200 blocks of 25 steps per variant
+    python benchmarks/step_overhead.py --blocks 600
+    python benchmarks/step_overhead.py --against ../old     # also an older checkout, side by side
 
 How it measures, and why. This VM's speed drifts by tens of percent from one second to the
 next (other guests take its cores), far more than the microseconds measured here, so timing
-each variant as a separate run compares drifts. Instead the three variants run side by side in
-threads that take turns: one runs a block of 25 steps while the others wait, then hands over.
-A cycle is one block of each variant (a few milliseconds, in a rotating order); whatever slows
-the machine hits all three alike. Every variant draws its batches through the same timing
-loader, which notes the clock at each fetch: one step is the time between two fetches,
-everything the loop does per step included (fit's one-off set-up is not a step). Per block the
-median step is kept, the block's first two steps (caches cold after a hand-over) left out. The
-engine's cost is its block median minus the bare loop's in the same cycle; the table gives the
-median of those differences over all cycles, their interquartile range and their 5-95% range.
+each variant as a separate run compares drifts. Instead the variants run side by side in
+threads that take turns: one runs a block of 25 steps while the others wait, then hands over,
+in a rotating order; whatever slows the machine hits all of them alike. Every variant draws its
+batches through a timing loader that notes the clock at each fetch: one step is the time
+between two fetches, everything the loop does per step included (fit's one-off set-up is not a
+step). A block's first two steps (caches cold after a hand-over) are left out.
+
+The run is cut into 10 segments of consecutive cycles; in each, a variant's steps are pooled and
+summarised by their 10th percentile (the steps the VM's noise did not hit) and their median. The
+engine's cost is its figure minus the bare loop's in the same segment, reported as the median over
+segments with the range. ``--against DIR`` loads the ``enginekit`` package of another checkout
+under another name and runs its engine as two more variants, so a change is measured against the
+code before it in the same turns, not in runs minutes apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from _common import machine
@@ -102,13 +110,13 @@ def bare(data: TimedLoader) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def through_engine(n_plugins: int) -> Callable[[TimedLoader], None]:
+def through_engine(engine_class: type, n_plugins: int) -> Callable[[TimedLoader], None]:
     def run(data: TimedLoader) -> None:
         torch.manual_seed(0)
         model = torch.nn.Linear(2, 2)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         plugins = [(f"noop{i}", NoOp()) for i in range(n_plugins)]
-        Engine(model, opt, data, plugins=plugins, device="cpu", loss_fn=mse).fit()
+        engine_class(model, opt, data, plugins=plugins, device="cpu", loss_fn=mse).fit()
 
     return run
 
@@ -141,14 +149,33 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def load_other(checkout: str) -> type:
+    """The ``Engine`` of the ``enginekit`` package in another checkout, imported as ``enginekit_against``."""
+    package = Path(checkout).resolve() / "enginekit"
+    spec = importlib.util.spec_from_file_location(
+        "enginekit_against", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    if spec is None or spec.loader is None or not package.is_dir():
+        raise SystemExit(f"--against {checkout}: no enginekit package at {package}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["enginekit_against"] = module
+    spec.loader.exec_module(module)
+    return module.Engine
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=200, help="blocks per variant (default 200)")
     p.add_argument("--block", type=int, default=25, help="steps per block (default 25)")
     p.add_argument("--segments", type=int, default=10, help="consecutive parts of the run compared separately")
+    p.add_argument("--against", metavar="DIR", help="also run the engine of the checkout in DIR, side by side")
     args = p.parse_args()
     names = ["bare loop", "engine, no plugin", "engine, 7 plugins"]
-    variants = [bare, through_engine(0), through_engine(7)]
+    variants = [bare, through_engine(Engine, 0), through_engine(Engine, 7)]
+    if args.against:
+        other = load_other(args.against)
+        names += [f"{args.against}, no plugin", f"{args.against}, 7 plugins"]
+        variants += [through_engine(other, 0), through_engine(other, 7)]
     measure(variants, 4, args.block)  # warm up allocator, dispatcher and caches
     blocks = measure(variants, args.blocks, args.block)
     per = max(1, args.blocks // args.segments)
@@ -156,26 +183,35 @@ def main() -> None:
     segments = [
         [[t for b in mine[i : i + per] for t in b] for mine in blocks] for i in range(0, args.blocks - per + 1, per)
     ]
+
+    def per_segment(v: int, q: float) -> list[float]:
+        return [quantile(seg[v], q) * 1e6 for seg in segments]
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):>7.1f} [{min(values):>6.1f}-{max(values):>6.1f}]"
+
     print(f"machine: {machine()}")
     print(f"{args.blocks} blocks x {args.block} steps per variant, taking turns; Linear(2, 2), batch 1, SGD")
     print(
         f"microseconds per step. p10 and median: the steps' 10th percentile and median in each of "
-        f"{len(segments)} segments; added: the engine's minus the bare loop's, median over segments [min-max]"
+        f"{len(segments)} segments; added: the variant's minus the bare loop's, median over segments [min-max]"
     )
-    print(f"{'variant':<20} {'p10':>7} {'median':>7}   {'added at p10':>22}   {'added at median':>22}")
+    width = max(len(name) for name in names) + 2
+    print(f"{'variant':<{width}} {'p10':>7} {'median':>7}   {'added at p10':>22}   {'added at median':>22}")
     for v, name in enumerate(names):
-        row = f"{name:<20}"
-        stats = {}
-        for label, q in (("p10", 0.10), ("median", 0.5)):
-            mine = [quantile(seg[v], q) * 1e6 for seg in segments]
-            bare_q = [quantile(seg[0], q) * 1e6 for seg in segments]
-            stats[label] = (mine, [m - b for m, b in zip(mine, bare_q)])
-        row += f" {statistics.median(stats['p10'][0]):>7.1f} {statistics.median(stats['median'][0]):>7.1f}"
+        p10, median = (statistics.median(per_segment(v, q)) for q in (0.1, 0.5))
+        row = f"{name:<{width}} {p10:>7.1f} {median:>7.1f}"
         if v:
-            for label in ("p10", "median"):
-                added = stats[label][1]
-                row += f"   {statistics.median(added):>7.1f} [{min(added):>6.1f}-{max(added):>6.1f}]"
+            for q in (0.1, 0.5):
+                row += "   " + cell([a - b for a, b in zip(per_segment(v, q), per_segment(0, q))])
         print(row)
+    if args.against:
+        print(f"this checkout minus {args.against}, same segments (negative: this one is cheaper)")
+        for mine, theirs, label in ((1, 3, "no plugin"), (2, 4, "7 plugins")):
+            row = f"{label:<{width}}"
+            for q in (0.1, 0.5):
+                row += "   " + cell([a - b for a, b in zip(per_segment(mine, q), per_segment(theirs, q))])
+            print(row)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch if batch.device == device else batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):  # before Mapping: an ABC check costs more than these
-        moved = [v if isinstance(v, torch.Tensor) and v.device == device else to_device(v, device) for v in batch]
+        for item in batch:  # the usual case, every tensor already there, costs no new object
+            if not isinstance(item, torch.Tensor) or item.device != device:
+                break
+        else:
+            return batch
+        moved = [to_device(v, device) for v in batch]
         if all(map(operator.is_, moved, batch)):
             return batch
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # namedtuple or not
@@ -50,6 +55,8 @@ def count_tokens(batch: Any) -> int:
     ``input_batch.numel()``. The inputs are the first tensor of a tuple or list (``(inputs,
     targets)``, ``(inputs, mask, targets)``), and of a dict its ``"input_ids"`` entry, else its
     first tensor; 0 when the batch holds no tensor."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].numel()  # (inputs, targets, ...): the usual batch, counted without a walk
     found = _first_tensor(batch)
     return found.numel() if found is not None else 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -115,11 +114,11 @@ class Engine:
         self._signals = StopSignals(self.print)
         self.train_loader = self._dist.setup(self.model, self.train_loader, self.state)
 
-        self._registry = Registry()
+        self._registry = Registry(self)
         self.pm, self.hook = self._registry.pm, self._registry.hook
         self._registry.register_all(plugins, autoload=autoload_plugins)
         #: ``_emit(hook_name, **kwargs)`` calls a hook's implementations (see ``Registry.emit``)
-        self._emit = partial(self._registry.emit, engine=self)
+        self._emit = self._registry.emit
 
     #: ``Engine.pick_device("auto")`` resolves a device the way the engine does.
     pick_device = staticmethod(resolve_device)

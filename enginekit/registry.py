@@ -83,7 +83,7 @@ def default_plugin_name(plugin: object) -> str:
 
 
 #: how Registry.emit calls a hook (see Registry._direct_calls)
-_NOTHING, _ENGINE_ONLY, _ALL_IN_ORDER, _BY_NAME, _PLUGGY = range(5)
+_NOTHING, _ENGINE_ONLY, _ENGINE_AND_VALUE, _BY_NAME, _PLUGGY = range(5)
 
 
 class _PluginManager(pluggy.PluginManager):
@@ -139,16 +139,18 @@ def new_manager() -> _PluginManager:
 
 
 class Registry:
-    """The engine's plugins: registration with validation, lookup by name, and emitting hooks."""
+    """An engine's plugins: registration with validation, lookup by name, and emitting hooks to them."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Any) -> None:
+        #: what every hook receives as ``engine``
+        self.engine = engine
         self.pm = new_manager()
         self.hook = self.pm.hook
         self._plan: dict[str, tuple[int, tuple[Any, ...]]] = {}
         self._plan_generation = -1
 
-    def emit(self, hook_name: str, /, engine: Any, **kwargs: Any) -> None:
-        """Call ``hook_name``'s implementations, in pluggy's order, with ``engine`` and ``kwargs``;
+    def emit(self, hook_name: str, /, **kwargs: Any) -> None:
+        """Call ``hook_name``'s implementations, in pluggy's order, with the engine and ``kwargs``;
         an implementation's exception becomes a :class:`PluginError` naming it and the step.
 
         Pluggy's own call costs microseconds per hook even with no implementation, and the engine
@@ -157,22 +159,25 @@ class Registry:
         registration changes: the same functions, order, arguments and exceptions as pluggy.
         Otherwise (a wrapper, a ``HookRecorder``, ``pm.trace``) pluggy makes the call.
         """
+        engine = self.engine
         try:
             if self._plan_generation != self.pm.generation:
                 self._replan()
             mode, calls = self._plan[hook_name]
-            if mode == _ALL_IN_ORDER:  # every implementation takes the hook's arguments, in order
-                args = (engine, *kwargs.values())
-                for function in calls:
-                    function(*args)
-            elif mode == _ENGINE_ONLY:
+            if mode == _NOTHING:
+                return
+            if mode == _ENGINE_ONLY:
                 for function in calls:
                     function(engine)
+            elif mode == _ENGINE_AND_VALUE:  # every implementation takes (engine, the hook's one argument)
+                (value,) = kwargs.values()
+                for function in calls:
+                    function(engine, value)
             elif mode == _BY_NAME:  # a mix: each gets the arguments it names, as pluggy passes them
                 values = {"engine": engine, **kwargs}
                 for function, argnames in calls:
                     function(*[values[name] for name in argnames])
-            elif mode == _PLUGGY:
+            else:
                 getattr(self.hook, hook_name)(engine=engine, **kwargs)
         except PluginError:
             raise
@@ -197,8 +202,8 @@ class Registry:
         spec_args = tuple(caller.spec.argnames)
         if argnames == {("engine",)}:
             return _ENGINE_ONLY, tuple(impl.function for impl in impls)
-        if argnames == {spec_args} and len(spec_args) <= 2:  # engine and at most one keyword, in order
-            return _ALL_IN_ORDER, tuple(impl.function for impl in impls)
+        if argnames == {spec_args} and len(spec_args) == 2:  # engine and the hook's one argument, in order
+            return _ENGINE_AND_VALUE, tuple(impl.function for impl in impls)
         return _BY_NAME, tuple((impl.function, tuple(impl.argnames)) for impl in impls)
 
     def register(self, plugin: Any, name: str | None = None, settings: dict[str, Any] | None = None) -> Any:

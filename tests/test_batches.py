@@ -91,3 +91,15 @@ def test_to_device_walks_nested_batches_and_count_tokens_finds_the_inputs():
     model = torch.nn.Identity()
     out, targets = default_forward(model, (torch.ones(2), torch.zeros(2)))
     assert torch.equal(out, torch.ones(2)) and torch.equal(targets, torch.zeros(2))
+
+
+def test_a_batch_already_on_the_device_is_returned_as_is_and_a_moved_one_is_rebuilt():
+    batch = (torch.ones(2, 3), [torch.zeros(2), "text"])
+    assert to_device(batch, torch.device("cpu")) is batch  # no container rebuilt, nested ones included
+    moved = to_device(batch, torch.device("meta"))
+    assert moved is not batch and isinstance(moved, tuple) and isinstance(moved[1], list)
+    assert moved[0].device.type == "meta" and moved[1][0].device.type == "meta" and moved[1][1] == "text"
+    assert batch[0].device.type == "cpu"  # the original is untouched
+    assert count_tokens(batch) == 6 and count_tokens(moved) == 6  # the inputs: the first tensor
+    assert count_tokens(("text", torch.ones(4, 2))) == 8  # not first in the tuple: found by the walk
+    assert count_tokens([]) == 0

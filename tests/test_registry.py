@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from enginekit import PluginError, hookimpl
-from enginekit.registry import _ALL_IN_ORDER, _ENGINE_ONLY, _NOTHING, _PLUGGY
+from enginekit.registry import _ENGINE_AND_VALUE, _ENGINE_ONLY, _NOTHING, _PLUGGY
 from enginekit.testing import make_engine
 
 Log = list[tuple[str, str, tuple[Any, ...]]]
@@ -134,7 +134,7 @@ def test_the_direct_plan_is_used_only_where_pluggy_adds_nothing() -> None:
     engine = make_engine([Plain("a", []), WithDefault([])])
     engine.fit(max_steps=1)
     modes = {hook: mode for hook, (mode, _) in engine._registry._plan.items()}
-    assert modes["before_step"] == _ALL_IN_ORDER and modes["after_backward"] == _ENGINE_ONLY
+    assert modes["before_step"] == _ENGINE_AND_VALUE and modes["after_backward"] == _ENGINE_ONLY
     assert modes["after_step"] == _PLUGGY  # an argument with a default: pluggy's keyword passing
     assert modes["after_epoch"] == _NOTHING
 
@@ -143,7 +143,7 @@ def test_the_direct_plan_is_used_only_where_pluggy_adds_nothing() -> None:
     assert all(mode == _PLUGGY for mode, _ in engine._registry._plan.values())
     undo()
     engine.fit(max_steps=3)
-    assert engine._registry._plan["before_step"][0] == _ALL_IN_ORDER
+    assert engine._registry._plan["before_step"][0] == _ENGINE_AND_VALUE
 
 
 def test_defaults_and_wrappers_go_through_pluggy_with_the_same_result() -> None:
