@@ -203,7 +203,8 @@ class Engine:
                     self._signals.received, st.should_stop
                 )
             self._emit("on_save_point", reason="step")
-            self._stop_if_signalled()
+            if self._signals.received is not None:
+                self._stop_if_signalled()
         self._emit("after_epoch")
         if exhausted or st.batches_in_epoch >= len(self.train_loader):  # type: ignore[arg-type]
             st.epoch += 1
@@ -261,6 +262,9 @@ class Engine:
 
     def _forward_backward(self, micro_batches: list[Any]) -> tuple[torch.Tensor, int]:
         n = len(micro_batches)
+        if n == 1:  # no accumulation: the usual step, on the shortest path
+            batch = to_device(micro_batches[0], self.device)
+            return self._backward(batch, 1).detach(), count_tokens(batch)
         total: torch.Tensor | None = None
         tokens = 0
         for i, batch in enumerate(micro_batches):
