@@ -3,6 +3,7 @@ in the background (the default), and with none, in interleaved rounds; plus each
 
     python benchmarks/checkpoint_cost.py                       # 124M, 3 epochs (27 steps, 3 saves) x 2 rounds
     python benchmarks/checkpoint_cost.py --epochs 15 --rounds 1 # the whole main job
+    python benchmarks/checkpoint_cost.py --epochs 15 --rounds 2 --modes none,async
 
 Each run is the example in a fresh process (``--no-progress --no-sample``, eval as in the book);
 its fit time is the one the example prints. The cost of a mode is its fit time over the
@@ -66,16 +67,19 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default="124M", choices=["124M", "tiny"])
+    p.add_argument("--modes", default="none,sync,async", help="comma-separated, 'none' included (default: all three)")
     args = p.parse_args()
+    order = args.modes.split(",")
+    if "none" not in order or not set(order) <= set(MODES):
+        raise SystemExit(f"--modes: a comma-separated subset of {', '.join(MODES)} that includes none")
     print(f"machine: {machine()}")
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    rss: dict[str, list[float]] = {m: [] for m in MODES}
-    cpu: dict[str, list[float]] = {m: [] for m in MODES}
-    busy: dict[str, list[float]] = {m: [] for m in MODES}
+    times: dict[str, list[float]] = {m: [] for m in order}
+    rss: dict[str, list[float]] = {m: [] for m in order}
+    cpu: dict[str, list[float]] = {m: [] for m in order}
+    busy: dict[str, list[float]] = {m: [] for m in order}
     cores = os.cpu_count() or 1
-    order = list(MODES)
     for r in range(args.rounds):
-        for mode in order[r % 3 :] + order[: r % 3]:
+        for mode in order[r % len(order) :] + order[: r % len(order)]:
             seconds, peak, cpu_s, wall = run(mode, args.epochs, args.model)
             times[mode].append(seconds)
             rss[mode].append(peak)
