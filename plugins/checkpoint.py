@@ -329,6 +329,7 @@ class Checkpoint:
 
     def _write_in_background(self, path: Path, payload: dict[str, Any], needs: int) -> None:
         _lowest_priority()
+        self._host_copy.wait_until_copied()
         self._background_error = self._write_now(path, payload, needs)
 
     def _newest_line(self) -> str:
@@ -683,39 +684,59 @@ class _HostCopy:
     new pages; copying into the same buffers again costs a memcpy (0.2 s for the 124M state).
     The buffers are reused only after the previous write has finished (``save`` waits for it
     first) and are freed at the end of fit.
+
+    CUDA tensors go to pinned buffers without blocking: the copies are queued on each device's
+    current stream, ahead of the next step's kernels that change the weights, so training goes
+    on at once and the writer waits for the copies' event instead.
     """
 
     def __init__(self) -> None:
         self._buffers: list[torch.Tensor] = []
         self._next = 0
+        self._copied: list[torch.cuda.Event] = []
 
     def copy(self, obj: Any) -> Any:
         self._next = 0
-        return self._copy(obj)
+        devices: set[torch.device] = set()
+        payload = self._copy(obj, devices)
+        self._copied = []
+        for device in devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._copied.append(event)
+        return payload
+
+    def wait_until_copied(self) -> None:
+        for event in self._copied:
+            event.synchronize()
 
     def release(self) -> None:
         self._buffers = []
 
-    def _copy(self, obj: Any) -> Any:
+    def _copy(self, obj: Any, devices: set[torch.device]) -> Any:
         if isinstance(obj, torch.Tensor):
-            return self._copy_tensor(obj.detach())
+            return self._copy_tensor(obj.detach(), devices)
         if isinstance(obj, dict):
-            return {k: self._copy(v) for k, v in obj.items()}
+            return {k: self._copy(v, devices) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self._copy(v) for v in obj)
+            return type(obj)(self._copy(v, devices) for v in obj)
         return obj
 
-    def _copy_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _copy_tensor(self, tensor: torch.Tensor, devices: set[torch.device]) -> torch.Tensor:
         i, self._next = self._next, self._next + 1
-        if i < len(self._buffers) and self._buffers[i].shape == tensor.shape and self._buffers[i].dtype == tensor.dtype:
-            buffer = self._buffers[i]
+        on_cuda = tensor.is_cuda
+        old = self._buffers[i] if i < len(self._buffers) else None
+        if old is not None and old.shape == tensor.shape and old.dtype == tensor.dtype and (not on_cuda or old.is_pinned()):
+            buffer = old
         else:  # first save, or the state's layout changed (a plugin's state grew): a new buffer
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-            if i < len(self._buffers):
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=on_cuda)
+            if old is not None:
                 self._buffers[i] = buffer
             else:
                 self._buffers.append(buffer)
-        return buffer.copy_(tensor)
+        if on_cuda:
+            devices.add(tensor.device)
+        return buffer.copy_(tensor, non_blocking=on_cuda)
 
 
 def _first_nonfinite(model: torch.nn.Module) -> str | None:

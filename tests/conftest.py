@@ -4,11 +4,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # book_reference.py and other helpers live beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: ``@pytest.mark.parametrize("device", DEVICES)``: the CPU always, CUDA where this machine has it
+#: (CI has none; the device checks of a GPU session run ``pytest -k cuda``).
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),
+]
 
 #: A GPT small enough for unit tests: the real vocabulary, tiny everything else.
 TINY_CFG = {

@@ -19,9 +19,9 @@ import torch
 from enginekit import NonFiniteLossError, hookimpl
 from enginekit.plugins import Checkpoint, CheckpointError, LossTracker, LRWarmup, warmup_lr
 from enginekit.plugins.checkpoint import sha256_file
-from enginekit.testing import drive, make_engine
+from enginekit.testing import HookRecorder, drive, make_engine
 
-from conftest import ROOT
+from conftest import DEVICES, ROOT
 
 JOB = ROOT / "tests" / "resume_job.py"
 
@@ -675,13 +675,15 @@ def test_a_background_write_lets_training_go_on_and_the_end_of_fit_waits_for_it(
     assert all(Checkpoint(tmp_path).verify(p) is None for p in Checkpoint(tmp_path).checkpoints())
 
 
-def test_background_and_synchronous_checkpoints_hold_the_same_state(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_background_and_synchronous_checkpoints_hold_the_same_state(tmp_path, device):
     # saves after steps 4 and 8 are written in the background (the second into the first's
-    # reused buffers); the last one, after step 12, in the foreground
+    # reused buffers; on CUDA pinned, copied without blocking); the last one, after step 12, in
+    # the foreground
     for mode in (True, False):
         torch.manual_seed(0)
         checkpoint = Checkpoint(tmp_path / str(mode), async_write=mode, keep_last=5)
-        drive([LossTracker(eval_freq=2), checkpoint], epochs=3, steps_per_epoch=4)
+        drive([LossTracker(eval_freq=2), checkpoint], epochs=3, steps_per_epoch=4, device=device)
     for name in ("ckpt-00000004.pt", "ckpt-00000008.pt", "ckpt-00000012.pt"):
         a = Checkpoint(tmp_path / "True").load(tmp_path / "True" / name)
         b = Checkpoint(tmp_path / "False").load(tmp_path / "False" / name)
@@ -691,6 +693,26 @@ def test_background_and_synchronous_checkpoints_hold_the_same_state(tmp_path):
         assert a["engine"]["step"] == b["engine"]["step"] and torch.equal(
             a["engine"]["rng"][0]["torch"], b["engine"]["rng"][0]["torch"]
         )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_resume_from_a_background_checkpoint_continues_bit_exactly(tmp_path, device):
+    def run(folder: Path, resume: bool):
+        checkpoint = Checkpoint(folder, every_steps=3, every_epoch=False, keep_last=5, resume=resume)
+        engine = make_engine([LossTracker(eval_freq=2), checkpoint], steps_per_epoch=4, lr=0.05, device=device)
+        recorder = HookRecorder(engine)
+        engine.fit(epochs=3)
+        return engine, [c.step for c in recorder.calls if c.hook == "after_step"]
+
+    reference, _ = run(tmp_path / "a", resume=False)
+    (tmp_path / "b").mkdir()
+    for f in (tmp_path / "a").glob("ckpt-00000006.pt*"):  # mid-epoch 1, written in the background
+        shutil.copy(f, tmp_path / "b" / f.name)
+    resumed, steps_run = run(tmp_path / "b", resume=True)
+    assert steps_run == list(range(6, 12))  # only the steps after the checkpoint ran
+    assert resumed.plugins["loss_tracker"].state_dict() == reference.plugins["loss_tracker"].state_dict()
+    for a, b in zip(resumed.model.parameters(), reference.model.parameters()):
+        assert a.device.type == device and torch.equal(a, b)
 
 
 def test_background_saves_copy_into_the_same_host_buffers_and_the_last_save_needs_no_copy(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import signal
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from enginekit import Engine, NonFiniteLossError, PluginError, hookimpl
 from enginekit.gpt import GPTModel
 from enginekit.testing import HookRecorder, drive, make_engine
+
+from conftest import DEVICES
 
 
 def step_hooks(n: int) -> list[str]:
@@ -234,14 +237,15 @@ def test_on_exception_sees_the_error_and_after_fit_does_not_fire():
     assert "after_fit" not in rec.hooks
 
 
-def test_bf16_autocasts_the_matmuls_on_cpu(tiny_cfg):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocasts_the_matmuls(tiny_cfg, device):
     dtypes = {}
     for precision in ("fp32", "bf16"):
         model = GPTModel(tiny_cfg)
         seen = []
         model.out_head.register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(out.dtype))
         engine = Engine(
-            model, torch.optim.AdamW(model.parameters()), gpt_loader(tiny_cfg, 4, 2), device="cpu", precision=precision
+            model, torch.optim.AdamW(model.parameters()), gpt_loader(tiny_cfg, 4, 2), device=device, precision=precision
         )
         state = engine.fit(epochs=1)
         dtypes[precision] = set(seen)
@@ -250,16 +254,20 @@ def test_bf16_autocasts_the_matmuls_on_cpu(tiny_cfg):
     assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
 
 
-def test_fp16_runs_on_cpu_for_testing_with_a_warning_and_a_grad_scaler(tiny_cfg):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_runs_with_a_grad_scaler_and_on_cpu_with_a_warning(tiny_cfg, device):
     model = GPTModel(tiny_cfg)
-    with pytest.warns(UserWarning, match="precision='fp16' on CPU exercises the GradScaler path"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         engine = Engine(
             model,
             torch.optim.SGD(model.parameters(), lr=0.1),
             gpt_loader(tiny_cfg, 4, 2),
-            device="cpu",
+            device=device,
             precision="fp16",
         )
+    said = [str(w.message) for w in caught if "precision='fp16' on CPU exercises the GradScaler path" in str(w.message)]
+    assert len(said) == (1 if device == "cpu" else 0)  # the CPU is for testing; CUDA is fp16's home
     seen = []
 
     class Dtype:
@@ -273,20 +281,23 @@ def test_fp16_runs_on_cpu_for_testing_with_a_warning_and_a_grad_scaler(tiny_cfg)
     assert isinstance(engine.scaler, torch.amp.GradScaler) and engine.scaler.get_scale() > 0
 
 
-def test_an_fp16_overflow_step_is_not_counted_and_never_reaches_after_backward():
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_fp16_overflow_step_is_not_counted_and_never_reaches_after_backward(device):
     """A finite loss whose scaled gradients overflow: GradScaler skips the update; so does the engine."""
     from enginekit.plugins import LRWarmup
 
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fp16 on CPU says it is for testing
         engine = make_engine(
             [LRWarmup(warmup_steps=2, initial_lr=0.0)],
             steps_per_epoch=10,
             lr=1.0,
             precision="fp16",
+            device=device,
             loss_fn=lambda out, targets: (out * 1e3).sum(),  # finite, with gradients near 4e4
         )
     # scaled by 2**115 those gradients overflow float32 (3.4e38) until the scaler has halved ~3 times
-    engine.scaler = engine._precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**115, growth_interval=1000)
+    engine.scaler = engine._precision.scaler = torch.amp.GradScaler(device, init_scale=2.0**115, growth_interval=1000)
     rec = HookRecorder(engine)
     grads_finite = []
 
