@@ -726,7 +726,8 @@ class _HostCopy:
         i, self._next = self._next, self._next + 1
         on_cuda = tensor.is_cuda
         old = self._buffers[i] if i < len(self._buffers) else None
-        if old is not None and old.shape == tensor.shape and old.dtype == tensor.dtype and (not on_cuda or old.is_pinned()):
+        fits = old is not None and old.shape == tensor.shape and old.dtype == tensor.dtype
+        if fits and (not on_cuda or old.is_pinned()):  # a pinned buffer serves a CPU tensor too
             buffer = old
         else:  # first save, or the state's layout changed (a plugin's state grew): a new buffer
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=on_cuda)
