@@ -7,7 +7,7 @@
 # 1. the device-parametrized tests on CUDA (fp16 with its GradScaler, an fp16 overflow step,
 #    bf16 autocast, background checkpoints copied from the GPU, a bit-exact resume);
 # 2. throughput and MFU of the 124M model: bf16, bf16 with torch.compile, fp16, fp32;
-# 3. the main job's checkpoint cost on the GPU (5 epochs, one round of none/sync/async).
+# 3. the main job's checkpoint cost on the GPU (4 epochs, one round of none/sync/async).
 # Each step has its own time limit, so one that hangs cannot eat the others' time.
 set -u
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
 step tests 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_engine.py tests/test_checkpoint.py
 step throughput-bf16 120 python3 benchmarks/throughput.py
-step throughput-bf16-compile 200 python3 benchmarks/throughput.py --compile
+step throughput-bf16-compile 180 python3 benchmarks/throughput.py --compile
 step throughput-fp32 120 python3 benchmarks/throughput.py --precision fp32
 step throughput-fp16 120 python3 benchmarks/throughput.py --precision fp16
-step checkpoint-cost 240 python3 benchmarks/checkpoint_cost.py --epochs 5 --rounds 1
+step checkpoint-cost 150 python3 benchmarks/checkpoint_cost.py --epochs 4 --rounds 1
