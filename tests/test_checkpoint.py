@@ -807,6 +807,7 @@ def test_a_checkpoint_goes_to_disk_slice_by_slice_and_still_verifies(tmp_path, m
     from enginekit.plugins import checkpoint as ckpt_module
 
     synced = []
+    monkeypatch.setattr(ckpt_module, "_direct_block", lambda fd, size: None)  # a filesystem without O_DIRECT
     monkeypatch.setattr(ckpt_module._HashingWriter, "SLICE", 512)
     monkeypatch.setattr(
         ckpt_module, "_fdatasync", lambda fd: synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name[:18])
@@ -819,3 +820,72 @@ def test_a_checkpoint_goes_to_disk_slice_by_slice_and_still_verifies(tmp_path, m
     assert synced.count(".ckpt-00000002.pt.") >= 2 and synced.count(".ckpt-00000004.pt.") >= 2
     assert checkpoint.verify(path) is None and checkpoint.verify(tmp_path / "ckpt-00000002.pt") is None
     assert checkpoint.load(path)["engine"]["step"] == 4
+
+
+def direct_io_here(folder: Path) -> bool:
+    from enginekit.plugins.checkpoint import _set_direct
+
+    with open(folder / "probe", "wb") as f:
+        return _set_direct(f.fileno(), True)
+
+
+def test_a_checkpoint_written_past_the_page_cache_is_cut_to_its_length_and_verifies(tmp_path, monkeypatch):
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    if not direct_io_here(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    blocks: list[int] = []
+    real_write = os.write
+
+    def write(fd, data):
+        blocks.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)  # a 22 KB checkpoint spans blocks
+    monkeypatch.setattr(ckpt_module.os, "write", write)
+    checkpoint = Checkpoint(tmp_path / "ckpts", every_steps=2, every_epoch=False)
+    drive([checkpoint], steps_per_epoch=4)
+    for name in ("ckpt-00000002.pt", "ckpt-00000004.pt"):  # one background write, one foreground
+        path = tmp_path / "ckpts" / name
+        assert checkpoint.verify(path) is None
+        assert path.stat().st_size % 4096 != 0  # the padding of the last block was cut off
+        assert checkpoint.load(path)["engine"]["step"] == int(name[5:13])
+    assert blocks and all(n % 4096 == 0 for n in blocks)  # only whole aligned blocks reached the file
+    assert blocks.count(8192) >= 4
+
+
+@pytest.mark.parametrize("tail_only", [False, True], ids=["refused-at-once", "refused-at-the-padded-tail"])
+def test_a_device_that_refuses_a_direct_write_gets_the_rest_through_the_page_cache(tmp_path, monkeypatch, tail_only):
+    import errno
+
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    if not direct_io_here(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    refused = []
+    real_write, real_finish = os.write, ckpt_module._HashingWriter.finish
+    finishing = [False]
+
+    def finish(self):
+        finishing[0] = True
+        try:
+            real_finish(self)
+        finally:
+            finishing[0] = False
+
+    def write(fd, data):
+        import fcntl
+
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and (finishing[0] or not tail_only):
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)
+    monkeypatch.setattr(ckpt_module._HashingWriter, "finish", finish)
+    monkeypatch.setattr(ckpt_module.os, "write", write)
+    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
+    drive([checkpoint], steps_per_epoch=4)
+    assert len(refused) == 2  # each save tried once, then wrote the rest through the page cache
+    assert all(checkpoint.verify(p) is None for p in checkpoint.checkpoints())
+    assert checkpoint.load(tmp_path / "ckpt-00000004.pt")["engine"]["step"] == 4

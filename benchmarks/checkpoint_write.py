@@ -1,0 +1,92 @@
+"""CPU and wall time of writing one checkpoint of the 124M model and its AdamW state (1.95 GB),
+past the page cache (``O_DIRECT``, the default where the filesystem allows) against through it
+(synced in slices), in alternating rounds on an otherwise idle process:
+
+    python benchmarks/checkpoint_write.py              # 4 rounds, in benchmarks/
+    python benchmarks/checkpoint_write.py --rounds 6 --dir /some/disk
+
+Each write is what a background save does after its host copy: serialise, sha256, write, fsync,
+rename, hash file. CPU is the writing thread's own (user and system), which is what a background
+write takes from training; on 2 cores every second of it competes with the training threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import CONFIGS, machine
+
+from enginekit.gpt import GPTModel
+from enginekit.plugins import Checkpoint
+from enginekit.plugins import checkpoint as ckpt_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def payload() -> dict:
+    torch.manual_seed(0)
+    model = GPTModel(CONFIGS["124M"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # AdamW's moments exist from the first step on
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def write_once(folder: Path, state: dict, direct: bool, n: int) -> tuple[float, float, float]:
+    """Wall, user and system seconds of one checkpoint write."""
+    real = ckpt_module._direct_block
+    ckpt_module._direct_block = real if direct else (lambda fd, size: None)
+    try:
+        checkpoint = Checkpoint(folder, keep_last=1)
+        before = resource.getrusage(resource.RUSAGE_THREAD)
+        start = time.perf_counter()
+        checkpoint._write_payload(folder / f"ckpt-{n:08d}.pt", state)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_THREAD)
+    finally:
+        ckpt_module._direct_block = real
+    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--dir", type=Path, default=ROOT / "benchmarks", help="where the checkpoints go (a real disk)")
+    args = p.parse_args()
+    state = payload()
+    size = sum(t.numel() * t.element_size() for t in state["model"].values())
+    size += sum(t.numel() * t.element_size() for s in state["optimizer"]["state"].values() for t in s.values())
+    print(f"machine: {machine()}; state {size / 1e9:.2f} GB")
+    results: dict[str, list[tuple[float, float, float]]] = {"direct": [], "page cache": []}
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        n = 0
+        for r in range(args.rounds):
+            order = ["direct", "page cache"] if r % 2 == 0 else ["page cache", "direct"]
+            for mode in order:
+                n += 1
+                wall, user, system = write_once(Path(folder), state, mode == "direct", n)
+                results[mode].append((wall, user, system))
+                print(
+                    f"round {r + 1}: {mode:10s} wall {wall:5.2f} s  CPU {user + system:5.2f} s "
+                    f"(user {user:4.2f}, system {system:4.2f})",
+                    flush=True,
+                )
+    print()
+    for mode, rows in results.items():
+        cpu = [u + s for _, u, s in rows]
+        print(
+            f"{mode:10s} median wall {statistics.median(w for w, _, _ in rows):5.2f} s  "
+            f"CPU {statistics.median(cpu):5.2f} s [{min(cpu):.2f}..{max(cpu):.2f}]  "
+            f"system {statistics.median(s for _, _, s in rows):4.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
