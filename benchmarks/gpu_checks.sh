@@ -2,12 +2,14 @@
 # The checks that need a CUDA device, in one go, for a session lent a GPU machine whose python3
 # already holds torch, tiktoken, pluggy, tqdm and pytest (nothing is downloaded):
 #
-#     bash benchmarks/gpu_checks.sh            # logs in $OUT, or ./gpu-logs
+#     bash benchmarks/gpu_checks.sh                       # every step; logs in $OUT, or ./gpu-logs
+#     bash benchmarks/gpu_checks.sh tests checkpoint-cost # only the steps named
 #
 # 1. the device-parametrized tests on CUDA (fp16 with its GradScaler, an fp16 overflow step,
 #    bf16 autocast, background checkpoints copied from the GPU, a bit-exact resume);
 # 2. throughput and MFU of the 124M model: bf16, bf16 with torch.compile, fp16, fp32;
-# 3. the main job's checkpoint cost on the GPU (4 epochs, one round of none/sync/async).
+# 3. the main job's checkpoint cost on the GPU (4 epochs, one round of none/sync/async), and
+#    the CPU and wall time of one write past the page cache and through it.
 # Each step has its own time limit, so one that hangs cannot eat the others' time.
 set -u
 cd "$(dirname "$0")/.."
@@ -15,9 +17,11 @@ out=${OUT:-gpu-logs}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
+only=" $* "
 step() {
     local name=$1 limit=$2
     shift 2
+    [[ "$only" == "  " || "$only" == *" $name "* ]] || return 0
     echo "== $name: $*"
     local start=$SECONDS
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
@@ -27,10 +31,12 @@ step() {
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
-step tests 150 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_engine.py tests/test_checkpoint.py
+python3 -m pip install --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 ||
+    { tail -n 20 "$out/install.log"; exit 1; }
+step tests 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or direct or page_cache" tests/test_engine.py tests/test_checkpoint.py
 step throughput-bf16 120 python3 benchmarks/throughput.py
 step throughput-bf16-compile 180 python3 benchmarks/throughput.py --compile
 step throughput-fp32 120 python3 benchmarks/throughput.py --precision fp32
 step throughput-fp16 120 python3 benchmarks/throughput.py --precision fp16
 step checkpoint-cost 150 python3 benchmarks/checkpoint_cost.py --epochs 4 --rounds 1
+step checkpoint-write 120 python3 benchmarks/checkpoint_write.py --rounds 2
