@@ -52,12 +52,13 @@ class _HashingWriter:
 
     Through the page cache, each save cost the kernel a copy of 2 GB into fresh pages, their
     writeback and their release, all on the cores that train. Direct writes from one aligned
-    16 MB block need none of that (a 650 MB state here: 0.05-0.09 s of system time against
-    0.2-1.1 s, `/tmp/exp/wcost.py`-style runs noted in the README). Where the filesystem refuses
-    direct I/O (tmpfs, macOS), the file is written through the page cache, synced in 256 MB
-    slices and dropped from the cache as it goes, so the kernel's own full-priority writeback
-    never piles 2 GB of dirty pages up behind training (main job, one round each: synchronous
-    saves cost +15.0% sliced, +23.4% unsliced).
+    16 MB block need none of that: the 124M state took 1.82 s of the writer's CPU instead of
+    2.97 s, system time 0.07 s instead of 1.53 s (``benchmarks/checkpoint_write.py``, medians of
+    4 alternating rounds), most of the rest being sha256. Where the filesystem refuses direct
+    I/O (tmpfs, macOS), the file goes through the page cache, synced in 256 MB slices and dropped
+    from the cache as it goes, so the kernel's own full-priority writeback never piles 2 GB of
+    dirty pages up behind training (main job, one round each: synchronous saves cost +15.0%
+    sliced, +23.4% unsliced).
 
     Call :meth:`finish` after the last write: a direct file is written in whole blocks, so its
     tail goes out padded and the file is then cut to its true length.
