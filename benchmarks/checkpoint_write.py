@@ -41,8 +41,8 @@ def payload() -> dict:
 
 def write_once(folder: Path, state: dict, direct: bool, n: int) -> tuple[float, float, float]:
     """Wall, user and system seconds of one checkpoint write."""
-    real = ckpt_module._direct_block
-    ckpt_module._direct_block = real if direct else (lambda fd, size: None)
+    real = ckpt_module._set_direct
+    ckpt_module._set_direct = real if direct else (lambda fd, on: False)
     try:
         checkpoint = Checkpoint(folder, keep_last=1)
         before = resource.getrusage(resource.RUSAGE_THREAD)
@@ -51,7 +51,7 @@ def write_once(folder: Path, state: dict, direct: bool, n: int) -> tuple[float, 
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_THREAD)
     finally:
-        ckpt_module._direct_block = real
+        ckpt_module._set_direct = real
     return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
 
 
@@ -63,7 +63,11 @@ def main() -> None:
     state = payload()
     size = sum(t.numel() * t.element_size() for t in state["model"].values())
     size += sum(t.numel() * t.element_size() for s in state["optimizer"]["state"].values() for t in s.values())
-    print(f"machine: {machine()}; state {size / 1e9:.2f} GB")
+    with tempfile.TemporaryFile(dir=args.dir) as probe:
+        direct_here = ckpt_module._set_direct(probe.fileno(), True)
+    print(f"machine: {machine()}; state {size / 1e9:.2f} GB; O_DIRECT in {args.dir}: {direct_here}")
+    if not direct_here:
+        print("(both modes below go through the page cache here)")
     results: dict[str, list[tuple[float, float, float]]] = {"direct": [], "page cache": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         n = 0

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parents[1]
 
 #: ``@pytest.mark.parametrize("device", DEVICES)``: the CPU always, CUDA where this machine has it
-#: (CI has none; the device checks of a GPU session run ``pytest -k cuda``).
+#: (CI has none; ``benchmarks/gpu_checks.sh`` runs them on a GPU machine).
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")),

@@ -807,7 +807,7 @@ def test_a_checkpoint_goes_to_disk_slice_by_slice_and_still_verifies(tmp_path, m
     from enginekit.plugins import checkpoint as ckpt_module
 
     synced = []
-    monkeypatch.setattr(ckpt_module, "_direct_block", lambda fd, size: None)  # a filesystem without O_DIRECT
+    monkeypatch.setattr(ckpt_module, "_set_direct", lambda fd, on: False)  # a filesystem without O_DIRECT
     monkeypatch.setattr(ckpt_module._HashingWriter, "SLICE", 512)
     monkeypatch.setattr(
         ckpt_module, "_fdatasync", lambda fd: synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name[:18])
@@ -835,14 +835,13 @@ def test_a_checkpoint_written_past_the_page_cache_is_cut_to_its_length_and_verif
     if not direct_io_here(tmp_path):
         pytest.skip("this filesystem has no O_DIRECT")
     blocks: list[int] = []
-    real_write = os.write
 
     def write(fd, data):
         blocks.append(len(data))
-        return real_write(fd, data)
+        return os.write(fd, data)
 
     monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)  # a 22 KB checkpoint spans blocks
-    monkeypatch.setattr(ckpt_module.os, "write", write)
+    monkeypatch.setattr(ckpt_module, "_write", write)
     checkpoint = Checkpoint(tmp_path / "ckpts", every_steps=2, every_epoch=False)
     drive([checkpoint], steps_per_epoch=4)
     for name in ("ckpt-00000002.pt", "ckpt-00000004.pt"):  # one background write, one foreground
@@ -863,7 +862,7 @@ def test_a_device_that_refuses_a_direct_write_gets_the_rest_through_the_page_cac
     if not direct_io_here(tmp_path):
         pytest.skip("this filesystem has no O_DIRECT")
     refused = []
-    real_write, real_finish = os.write, ckpt_module._HashingWriter.finish
+    real_finish = ckpt_module._HashingWriter.finish
     finishing = [False]
 
     def finish(self):
@@ -879,13 +878,52 @@ def test_a_device_that_refuses_a_direct_write_gets_the_rest_through_the_page_cac
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and (finishing[0] or not tail_only):
             refused.append(len(data))
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return os.write(fd, data)
 
     monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)
     monkeypatch.setattr(ckpt_module._HashingWriter, "finish", finish)
-    monkeypatch.setattr(ckpt_module.os, "write", write)
+    monkeypatch.setattr(ckpt_module, "_write", write)
     checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
     drive([checkpoint], steps_per_epoch=4)
     assert len(refused) == 2  # each save tried once, then wrote the rest through the page cache
     assert all(checkpoint.verify(p) is None for p in checkpoint.checkpoints())
     assert checkpoint.load(tmp_path / "ckpt-00000004.pt")["engine"]["step"] == 4
+
+
+def test_a_short_direct_write_is_finished_through_the_page_cache(tmp_path, monkeypatch):
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    if not direct_io_here(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    calls = []
+
+    def write(fd, data):
+        calls.append(len(data))
+        return os.write(fd, data[: len(data) // 2 if len(calls) == 2 else len(data)])  # the 2nd block: half
+
+    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)
+    monkeypatch.setattr(ckpt_module, "_write", write)
+    checkpoint = Checkpoint(tmp_path, every_steps=4, every_epoch=False, async_write=False)
+    drive([checkpoint], steps_per_epoch=4)
+    assert calls[:2] == [8192, 8192] and len(calls) == 2  # then buffered: no more direct writes
+    path = tmp_path / "ckpt-00000004.pt"
+    assert checkpoint.verify(path) is None and checkpoint.load(path)["engine"]["step"] == 4
+
+
+def test_a_full_disk_under_direct_writes_is_said_in_plain_words(tmp_path, monkeypatch):
+    import errno
+
+    from enginekit.plugins import CheckpointWriteError
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    if not direct_io_here(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)
+    monkeypatch.setattr(ckpt_module, "_write", full)
+    with pytest.raises(CheckpointWriteError, match=r"could not write ckpt-00000004.pt: no space left on device"):
+        drive([Checkpoint(tmp_path, every_steps=4, every_epoch=False)], steps_per_epoch=4)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".ckpt-*.tmp"))
