@@ -132,7 +132,7 @@ class _HashingWriter:
         assert self._block is not None
         block = self._block[:n]
         try:
-            done = _write(self.fd, block)
+            done = _os_write(self.fd, block)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise  # ENOSPC and the like: the save fails with the cause in plain words
@@ -156,7 +156,7 @@ class _HashingWriter:
 
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has only fsync
-_write = os.write  # the tests replace this one, not os.write itself
+_os_write = os.write  # the tests replace this one, not os.write itself
 
 
 def _set_direct(fd: int, on: bool) -> bool:

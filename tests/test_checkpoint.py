@@ -822,26 +822,27 @@ def test_a_checkpoint_goes_to_disk_slice_by_slice_and_still_verifies(tmp_path, m
     assert checkpoint.load(path)["engine"]["step"] == 4
 
 
-def direct_io_here(folder: Path) -> bool:
-    from enginekit.plugins.checkpoint import _set_direct
-
-    with open(folder / "probe", "wb") as f:
-        return _set_direct(f.fileno(), True)
-
-
-def test_a_checkpoint_written_past_the_page_cache_is_cut_to_its_length_and_verifies(tmp_path, monkeypatch):
+@pytest.fixture
+def direct_writes(tmp_path, monkeypatch):
+    """Where tmp_path takes O_DIRECT: 8 KB blocks (a 22 KB checkpoint spans several), and a
+    function that puts a fake in place of the writer's direct ``os.write``."""
     from enginekit.plugins import checkpoint as ckpt_module
 
-    if not direct_io_here(tmp_path):
-        pytest.skip("this filesystem has no O_DIRECT")
+    with open(tmp_path / "probe", "wb") as f:
+        if not ckpt_module._set_direct(f.fileno(), True):
+            pytest.skip("this filesystem has no O_DIRECT")
+    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)
+    return lambda write: monkeypatch.setattr(ckpt_module, "_os_write", write)
+
+
+def test_a_checkpoint_written_past_the_page_cache_is_cut_to_its_length_and_verifies(tmp_path, direct_writes):
     blocks: list[int] = []
 
     def write(fd, data):
         blocks.append(len(data))
         return os.write(fd, data)
 
-    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)  # a 22 KB checkpoint spans blocks
-    monkeypatch.setattr(ckpt_module, "_write", write)
+    direct_writes(write)
     checkpoint = Checkpoint(tmp_path / "ckpts", every_steps=2, every_epoch=False)
     drive([checkpoint], steps_per_epoch=4)
     for name in ("ckpt-00000002.pt", "ckpt-00000004.pt"):  # one background write, one foreground
@@ -854,13 +855,13 @@ def test_a_checkpoint_written_past_the_page_cache_is_cut_to_its_length_and_verif
 
 
 @pytest.mark.parametrize("tail_only", [False, True], ids=["refused-at-once", "refused-at-the-padded-tail"])
-def test_a_device_that_refuses_a_direct_write_gets_the_rest_through_the_page_cache(tmp_path, monkeypatch, tail_only):
+def test_a_device_that_refuses_a_direct_write_gets_the_rest_through_the_page_cache(
+    tmp_path, monkeypatch, direct_writes, tail_only
+):
     import errno
 
     from enginekit.plugins import checkpoint as ckpt_module
 
-    if not direct_io_here(tmp_path):
-        pytest.skip("this filesystem has no O_DIRECT")
     refused = []
     real_finish = ckpt_module._HashingWriter.finish
     finishing = [False]
@@ -880,9 +881,8 @@ def test_a_device_that_refuses_a_direct_write_gets_the_rest_through_the_page_cac
             raise OSError(errno.EINVAL, "Invalid argument")
         return os.write(fd, data)
 
-    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)
     monkeypatch.setattr(ckpt_module._HashingWriter, "finish", finish)
-    monkeypatch.setattr(ckpt_module, "_write", write)
+    direct_writes(write)
     checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
     drive([checkpoint], steps_per_epoch=4)
     assert len(refused) == 2  # each save tried once, then wrote the rest through the page cache
@@ -890,19 +890,14 @@ def test_a_device_that_refuses_a_direct_write_gets_the_rest_through_the_page_cac
     assert checkpoint.load(tmp_path / "ckpt-00000004.pt")["engine"]["step"] == 4
 
 
-def test_a_short_direct_write_is_finished_through_the_page_cache(tmp_path, monkeypatch):
-    from enginekit.plugins import checkpoint as ckpt_module
-
-    if not direct_io_here(tmp_path):
-        pytest.skip("this filesystem has no O_DIRECT")
+def test_a_short_direct_write_is_finished_through_the_page_cache(tmp_path, direct_writes):
     calls = []
 
     def write(fd, data):
         calls.append(len(data))
         return os.write(fd, data[: len(data) // 2 if len(calls) == 2 else len(data)])  # the 2nd block: half
 
-    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)
-    monkeypatch.setattr(ckpt_module, "_write", write)
+    direct_writes(write)
     checkpoint = Checkpoint(tmp_path, every_steps=4, every_epoch=False, async_write=False)
     drive([checkpoint], steps_per_epoch=4)
     assert calls[:2] == [8192, 8192] and len(calls) == 2  # then buffered: no more direct writes
@@ -910,20 +905,15 @@ def test_a_short_direct_write_is_finished_through_the_page_cache(tmp_path, monke
     assert checkpoint.verify(path) is None and checkpoint.load(path)["engine"]["step"] == 4
 
 
-def test_a_full_disk_under_direct_writes_is_said_in_plain_words(tmp_path, monkeypatch):
+def test_a_full_disk_under_direct_writes_is_said_in_plain_words(tmp_path, direct_writes):
     import errno
 
     from enginekit.plugins import CheckpointWriteError
-    from enginekit.plugins import checkpoint as ckpt_module
-
-    if not direct_io_here(tmp_path):
-        pytest.skip("this filesystem has no O_DIRECT")
 
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)
-    monkeypatch.setattr(ckpt_module, "_write", full)
+    direct_writes(full)
     with pytest.raises(CheckpointWriteError, match=r"could not write ckpt-00000004.pt: no space left on device"):
         drive([Checkpoint(tmp_path, every_steps=4, every_epoch=False)], steps_per_epoch=4)
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".ckpt-*.tmp"))
