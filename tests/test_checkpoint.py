@@ -772,20 +772,38 @@ def test_a_failed_background_write_surfaces_at_the_next_step(tmp_path, monkeypat
     assert seen[-1] <= 3  # at the step after the failed write, not at the end of the run
 
 
-def test_background_writes_run_at_the_lowest_priority_and_training_keeps_its_own(tmp_path, monkeypatch):
+def _priorities_seen_by_writes(tmp_path, monkeypatch) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """(scheduling policy, nice) of the thread at each file replace of a 4-step run saving every
+    2 steps, and the main thread's before it."""
     from enginekit import files
 
     if not sys.platform.startswith("linux"):
-        pytest.skip("per-thread priorities are a Linux feature")
+        pytest.skip("per-thread scheduling is a Linux feature")
+
+    def now():
+        return os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
     seen = []
-    monkeypatch.setattr(
-        files, "before_replace", lambda tmp: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-    )
-    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    monkeypatch.setattr(files, "before_replace", lambda tmp: seen.append(now()))
+    main_before = now()
     drive([Checkpoint(tmp_path, every_steps=2, every_epoch=False)], steps_per_epoch=4)
+    assert now() == main_before
+    return seen, main_before
+
+
+def test_background_writes_run_at_idle_priority_and_training_keeps_its_own(tmp_path, monkeypatch):
+    seen, main = _priorities_seen_by_writes(tmp_path, monkeypatch)
     # two writes of ckpt-2 (the file, then its hash) in the background, two of ckpt-4 in the foreground
-    assert seen == [19, 19, main_before, main_before]
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+    assert [policy for policy, _ in seen] == [os.SCHED_IDLE, os.SCHED_IDLE, main[0], main[0]]
+
+
+def test_where_idle_scheduling_is_refused_the_writer_runs_at_nice_19(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    seen, main = _priorities_seen_by_writes(tmp_path, monkeypatch)
+    assert seen == [(main[0], 19), (main[0], 19), main, main]
 
 
 def test_the_non_finite_weight_check_is_not_fooled_by_a_sum_that_overflows():
@@ -903,6 +921,102 @@ def test_a_short_direct_write_is_finished_through_the_page_cache(tmp_path, direc
     assert calls[:2] == [8192, 8192] and len(calls) == 2  # then buffered: no more direct writes
     path = tmp_path / "ckpt-00000004.pt"
     assert checkpoint.verify(path) is None and checkpoint.load(path)["engine"]["step"] == 4
+
+
+class Table:
+    """A plugin whose state is one 80 KB tensor, counting the steps: a record big enough to be
+    written from its own memory once ``FROM_SOURCE_MIN`` is 16 KB."""
+
+    def __init__(self) -> None:
+        self.table = torch.zeros(20_000)
+
+    @hookimpl
+    def after_step(self, engine, loss):
+        self.table += 1
+
+    def state_dict(self):
+        return {"table": self.table}
+
+    def load_state_dict(self, state):
+        self.table = state["table"].clone()
+
+
+def _from_source(data) -> bool:
+    """A write that comes from the record's own memory, not from the writer's mmap block."""
+    import mmap
+
+    return not isinstance(memoryview(data).obj, mmap.mmap)
+
+
+@pytest.fixture
+def big_records(monkeypatch, direct_writes):
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    monkeypatch.setattr(ckpt_module._HashingWriter, "FROM_SOURCE_MIN", 16384)
+    return direct_writes
+
+
+def _table_at(checkpoint, path):
+    assert checkpoint.verify(path) is None
+    return checkpoint.load(path)["plugins"]["table"]["table"]
+
+
+def test_a_background_save_writes_big_records_from_the_host_copy_itself(tmp_path, big_records):
+    import fcntl
+
+    writes: list[tuple[int, bool, bool]] = []
+
+    def write(fd, data):
+        writes.append((len(data), _from_source(data), bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
+        return os.write(fd, data)
+
+    big_records(write)
+    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False, async_write=True)
+    drive([checkpoint, Table()], steps_per_epoch=4)
+    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000002.pt"), torch.full((20_000,), 2.0))
+    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000004.pt"), torch.full((20_000,), 4.0))
+    # the background save (the first): the table's aligned bulk went out whole, past the page cache
+    assert (20_000 * 4 // 4096 * 4096, True, True) in writes
+    assert all(n % 4096 == 0 and direct for n, _, direct in writes)
+
+
+def test_memory_the_device_refuses_goes_through_the_block_and_writes_stay_direct(tmp_path, big_records):
+    import errno
+    import fcntl
+
+    refused, blocks_after = [], []
+
+    def write(fd, data):
+        if _from_source(data):
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")  # as for memory not aligned as the device wants
+        if refused:
+            blocks_after.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return os.write(fd, data)
+
+    big_records(write)
+    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
+    drive([checkpoint, Table()], steps_per_epoch=4)
+    assert refused and blocks_after and all(blocks_after)
+    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000002.pt"), torch.full((20_000,), 2.0))
+    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000004.pt"), torch.full((20_000,), 4.0))
+
+
+def test_a_short_write_from_a_record_is_finished_through_the_page_cache(tmp_path, big_records):
+    calls = []  # of the background save at step 4
+
+    def write(fd, data):
+        if ".ckpt-00000004.pt." not in os.readlink(f"/proc/self/fd/{fd}"):
+            return os.write(fd, data)
+        calls.append(_from_source(data))
+        # the first write from a record's memory stops after 16 KB, as a nearly full disk might
+        return os.write(fd, data[:16384] if calls[-1] and calls.count(True) == 1 else data)
+
+    big_records(write)
+    checkpoint = Checkpoint(tmp_path, every_steps=4, every_epoch=False)
+    drive([checkpoint, Table()], steps_per_epoch=4, epochs=2)
+    assert calls.count(True) == 1 and calls[-1] is True  # then no direct write at all
+    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000004.pt"), torch.full((20_000,), 4.0))
 
 
 def test_a_full_disk_under_direct_writes_is_said_in_plain_words(tmp_path, direct_writes):
