@@ -736,7 +736,8 @@ def test_background_saves_copy_into_the_same_host_buffers_and_the_last_save_need
 
     drive([Watch(), checkpoint], steps_per_epoch=6)
     # steps 0..5: saves after steps 2 and 4 in the background, after step 6 (the last) in the foreground
-    assert started == ["enginekit-ckpt-00000002.pt", "enginekit-ckpt-00000004.pt"]
+    # the host buffers are allocated ahead, after the first step, in a thread of their own
+    assert started == ["enginekit-host-buffers", "enginekit-ckpt-00000002.pt", "enginekit-ckpt-00000004.pt"]
     assert buffers[2] and buffers[4] == buffers[2]  # the second copy went into the first one's buffers
     assert checkpoint._host_copy._buffers == []  # freed at the end of fit
     assert [p.name for p in checkpoint.checkpoints()] == ["ckpt-00000006.pt", "ckpt-00000004.pt", "ckpt-00000002.pt"]
@@ -804,6 +805,40 @@ def test_where_idle_scheduling_is_refused_the_writer_runs_at_nice_19(tmp_path, m
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     seen, main = _priorities_seen_by_writes(tmp_path, monkeypatch)
     assert seen == [(main[0], 19), (main[0], 19), main, main]
+
+
+def _host_buffers_made(tmp_path, monkeypatch, **checkpoint_kwargs) -> list[tuple[str, int]]:
+    """(thread name, scheduling policy) of each host buffer a 6-step run with 3 weights allocates."""
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    made = []
+    real = ckpt_module._host_buffer
+
+    def host_buffer(shape, dtype):
+        made.append((threading.current_thread().name, os.sched_getscheduler(0)))
+        return real(shape, dtype)
+
+    monkeypatch.setattr(ckpt_module, "_host_buffer", host_buffer)
+    checkpoint = Checkpoint(tmp_path, **checkpoint_kwargs)
+    drive([checkpoint], steps_per_epoch=6, param_groups=3)
+    assert checkpoint.verify(tmp_path / "ckpt-00000006.pt") is None
+    return made
+
+
+def test_the_weights_host_buffers_are_allocated_ahead_at_idle_priority(tmp_path, monkeypatch):
+    made = _host_buffers_made(tmp_path, monkeypatch, every_steps=2, every_epoch=False)
+    ahead = ("enginekit-host-buffers", os.SCHED_IDLE)
+    # the 3 weights' buffers before the first save; that save adds only the engine's small tensors
+    # (RNG states), and the second save (step 4) reuses them all; step 6 is written without a copy
+    assert made[:3] == [ahead] * 3
+    assert ahead not in made[3:] and made[3:] and all(name == "MainThread" for name, _ in made[3:])
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"every_steps": 2, "async_write": False}, {"every_epoch": True}], ids=["synchronous", "last-save-only"]
+)
+def test_no_host_buffers_are_allocated_where_no_background_save_lies_ahead(tmp_path, monkeypatch, kwargs):
+    assert _host_buffers_made(tmp_path, monkeypatch, **kwargs) == []
 
 
 def test_the_non_finite_weight_check_is_not_fooled_by_a_sum_that_overflows():
