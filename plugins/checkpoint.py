@@ -12,6 +12,7 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -67,6 +68,7 @@ class _HashingWriter:
     SLICE = 256 << 20
     BLOCK = 16 << 20
     FROM_SOURCE_MIN = 256 << 10  # records this big are written from their own memory
+    HASH_BESIDE_MIN = 256 << 10  # records this big are hashed by a second thread while written
     ALIGN = 4096  # of memory, file offsets and lengths for O_DIRECT on common block devices
 
     def __init__(self, f: BinaryIO) -> None:
@@ -78,6 +80,8 @@ class _HashingWriter:
         self._mmap = mmap.mmap(-1, self.BLOCK)  # page-aligned, as direct I/O needs
         self._block: memoryview | None = memoryview(self._mmap) if _set_direct(self.fd, True) else None
         self._fill = 0
+        # created by the writing thread, so its thread inherits that one's (idle) priority
+        self._hasher: ThreadPoolExecutor | None = None
 
     def write(self, data: bytes | memoryview) -> int:
         try:
@@ -92,7 +96,24 @@ class _HashingWriter:
         return self._block is not None
 
     def _write(self, data: bytes | memoryview) -> int:
-        self.sha.update(data)
+        """Hash and write ``data``; a big record's hash runs beside its write (both release the GIL).
+
+        One after the other, a 124M save took 1.4 s of sha256 then 1.6 s of disk; beside each
+        other, the saves a fit waits for (its last one, any synchronous one) take the longer of
+        the two. The hash of ``data`` is finished before this returns, so the hashes stay in file
+        order and torch may reuse the buffer."""
+        if len(data) < self.HASH_BESIDE_MIN:
+            self.sha.update(data)
+            return self._write_unhashed(data)
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="enginekit-sha256")
+        hashed = self._hasher.submit(self.sha.update, data)
+        try:
+            return self._write_unhashed(data)
+        finally:
+            hashed.result()
+
+    def _write_unhashed(self, data: bytes | memoryview) -> int:
         if self._block is None:
             return self._write_buffered(data)
         view = memoryview(data).cast("B")
@@ -129,6 +150,8 @@ class _HashingWriter:
 
     def close(self) -> None:
         """Free the block now rather than with the writer (an error's traceback can keep it)."""
+        if self._hasher is not None:
+            self._hasher.shutdown()
         self._block = None
         try:
             self._mmap.close()

@@ -1054,6 +1054,43 @@ def test_a_short_write_from_a_record_is_finished_through_the_page_cache(tmp_path
     assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000004.pt"), torch.full((20_000,), 4.0))
 
 
+def test_a_big_records_hash_runs_beside_its_write_at_the_writers_priority_and_in_file_order(tmp_path, monkeypatch):
+    import hashlib
+
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    updates = []  # (thread, scheduling policy, bytes) of each sha256 update of a checkpoint file
+    real_sha256 = hashlib.sha256
+
+    class SlowSha:
+        """sha256 whose big updates take long: a writer that did not wait for them would hash
+        the next bytes first, and the file would not verify."""
+
+        def __init__(self):
+            self._sha = real_sha256()
+
+        def update(self, data):
+            updates.append((threading.current_thread().name, os.sched_getscheduler(0), len(data)))
+            if len(data) >= 16384:
+                time.sleep(0.05)
+            self._sha.update(data)
+
+        def hexdigest(self):
+            return self._sha.hexdigest()
+
+    monkeypatch.setattr(ckpt_module.hashlib, "sha256", SlowSha)
+    monkeypatch.setattr(ckpt_module._HashingWriter, "HASH_BESIDE_MIN", 16384)
+    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
+    drive([checkpoint, Table()], steps_per_epoch=4)
+    monkeypatch.undo()  # verify with the real sha256
+    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000002.pt"), torch.full((20_000,), 2.0))
+    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000004.pt"), torch.full((20_000,), 4.0))
+    beside = [(policy, n) for name, policy, n in updates if name.startswith("enginekit-sha256")]
+    # the table, once per save: the background one's hash at idle priority, the last save's at the main thread's
+    assert beside == [(os.SCHED_IDLE, 80_000), (os.sched_getscheduler(0), 80_000)]
+    assert all(n < 16384 for name, _, n in updates if not name.startswith("enginekit-sha256"))
+
+
 def test_a_full_disk_under_direct_writes_is_said_in_plain_words(tmp_path, direct_writes):
     import errno
 
