@@ -52,10 +52,11 @@ class _HashingWriter:
     it to disk past the page cache where the filesystem allows (``O_DIRECT``).
 
     Through the page cache, each save cost the kernel a copy of 2 GB into fresh pages, their
-    writeback and their release, all on the cores that train. Direct writes from one aligned
-    16 MB block need none of that: the 124M state took 1.82 s of the writer's CPU instead of
-    2.97 s, system time 0.07 s instead of 1.53 s (``benchmarks/checkpoint_write.py``, medians of
-    4 alternating rounds), most of the rest being sha256. Where direct I/O is refused (macOS,
+    writeback and their release, all on the cores that train. Direct writes need none of that:
+    the 124M state took 1.66 s of CPU instead of 3.39 s, system time 0.10 s instead of 1.88 s
+    (``benchmarks/checkpoint_write.py``, medians of 4 rotating rounds), most of the rest being
+    sha256. Big records go out from their own memory; the rest passes through one aligned 16 MB
+    block. Where direct I/O is refused (macOS,
     some filesystems, a device that wants another alignment), the file goes through the page
     cache, synced in 256 MB slices and dropped from the cache as it goes, so the kernel's own
     full-priority writeback never piles 2 GB of dirty pages up behind training (main job, one
