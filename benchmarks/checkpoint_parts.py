@@ -47,6 +47,11 @@ def main() -> None:
     args = p.parse_args()
     if not hasattr(os, "SCHED_IDLE") or not hasattr(os, "O_DIRECT"):
         p.error("needs Linux: SCHED_IDLE and O_DIRECT")
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as folder:
+        try:
+            os.close(os.open(Path(folder) / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        except OSError as exc:
+            p.error(f"benchmarks/ is on a filesystem without O_DIRECT ({exc.strerror}); run it from a disk that has it")
     print(f"machine: {machine()}")
     torch.manual_seed(0)
     cfg = CONFIGS["124M"]

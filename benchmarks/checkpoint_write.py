@@ -1,5 +1,5 @@
 """CPU and wall time of writing one checkpoint of the 124M model and its AdamW state (1.95 GB),
-in rotating rounds on an otherwise idle process, three ways:
+in rotating rounds on an otherwise idle process, four ways:
 
 - ``direct``: past the page cache (``O_DIRECT``, the default where the filesystem allows), each
   big record straight from the host copy's page-aligned memory, its sha256 computed by a second

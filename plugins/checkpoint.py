@@ -12,7 +12,6 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -55,8 +54,8 @@ class _HashingWriter:
     writeback and their release, all on the cores that train. Direct writes need none of that:
     the 124M state took 1.66 s of CPU instead of 3.39 s, system time 0.10 s instead of 1.88 s
     (``benchmarks/checkpoint_write.py``, medians of 4 rotating rounds), most of the rest being
-    sha256. Big records go out from their own memory; the rest passes through one aligned 16 MB
-    block. Where direct I/O is refused (macOS,
+    sha256. Big records in page-aligned memory (a background save's host copy) go out from there;
+    the rest passes through one aligned 16 MB block. Where direct I/O is refused (macOS,
     some filesystems, a device that wants another alignment), the file goes through the page
     cache, synced in 256 MB slices and dropped from the cache as it goes, so the kernel's own
     full-priority writeback never piles 2 GB of dirty pages up behind training (main job, one
@@ -81,8 +80,6 @@ class _HashingWriter:
         self._mmap = mmap.mmap(-1, self.BLOCK)  # page-aligned, as direct I/O needs
         self._block: memoryview | None = memoryview(self._mmap) if _set_direct(self.fd, True) else None
         self._fill = 0
-        # created by the writing thread, so its thread inherits that one's (idle) priority
-        self._hasher: ThreadPoolExecutor | None = None
 
     def write(self, data: bytes | memoryview) -> int:
         try:
@@ -106,13 +103,19 @@ class _HashingWriter:
         if len(data) < self.HASH_BESIDE_MIN:
             self.sha.update(data)
             return self._write_unhashed(data)
-        if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="enginekit-sha256")
-        hashed = self._hasher.submit(self.sha.update, data)
+        # a thread of its own (started by this one, so at its idle priority), not an executor:
+        # executors refuse work once the interpreter starts shutting down, and a write in flight
+        # then must still finish
+        hashing = threading.Thread(target=self.sha.update, args=(data,), name="enginekit-sha256")
+        try:
+            hashing.start()
+        except RuntimeError:  # no new threads at this point of shutdown
+            self.sha.update(data)
+            return self._write_unhashed(data)
         try:
             return self._write_unhashed(data)
         finally:
-            hashed.result()
+            hashing.join()
 
     def _write_unhashed(self, data: bytes | memoryview) -> int:
         if self._block is None:
@@ -151,8 +154,6 @@ class _HashingWriter:
 
     def close(self) -> None:
         """Free the block now rather than with the writer (an error's traceback can keep it)."""
-        if self._hasher is not None:
-            self._hasher.shutdown()
         self._block = None
         try:
             self._mmap.close()
@@ -444,9 +445,9 @@ class Checkpoint:
     def wait(self, engine: Engine | None = None) -> None:
         """Block until a background write is on disk; raise :class:`CheckpointWriteError` if it failed
         (on every rank, when ``engine`` is given: every rank must call it then)."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.join()
+        if self._writer is not None:
+            self._writer.join()  # cleared after: a second signal during the join leaves it to wait for
+            self._writer = None
         error, self._background_error = self._background_error, None
         if engine is not None:
             self._agree(engine, error, None)
@@ -859,8 +860,9 @@ class _HostCopy:
     new pages; copying into the same buffers again costs a memcpy (0.2 s for the 124M state).
     The buffers are reused only after the previous write has finished (``save`` waits for it
     first) and are freed at the end of fit. :meth:`reserve` allocates them ahead of the first
-    save, in a thread at idle priority: that first save then costs training what the others do
-    (it took 4.3 s in the foreground instead of 0.25 s, ``benchmarks/checkpoint_overlap.py``).
+    save, in a thread at idle priority, and has their pages handed out: that first save then
+    keeps training waiting no longer than the others (``save()`` returned after 0.23-0.28 s in
+    three runs of ``benchmarks/checkpoint_overlap.py``, against 4.27 s when it allocated them).
 
     CUDA tensors are copied into ordinary (pageable) buffers too, so the copy is done when
     ``copy`` returns. Pinned buffers with non-blocking copies were tried on an H200: the main
@@ -883,9 +885,12 @@ class _HostCopy:
         def allocate() -> None:
             _lowest_priority()
             try:
-                self._buffers = [_host_buffer(shape, dtype) for shape, dtype in layout]
-            except (MemoryError, RuntimeError, OSError):
-                pass  # only a head start: the save itself allocates, and a real shortage fails there
+                buffers = [_host_buffer(shape, dtype) for shape, dtype in layout]
+                for buffer in buffers:
+                    _touch(buffer)
+            except (MemoryError, RuntimeError, OSError, ValueError):
+                return  # only a head start: the first save then allocates its buffers itself
+            self._buffers = buffers
 
         self.reserved = True
         self._reserving = threading.Thread(target=allocate, name="enginekit-host-buffers", daemon=True)
@@ -893,6 +898,7 @@ class _HostCopy:
 
     def copy(self, obj: Any) -> Any:
         self._wait()
+        self.reserved = True  # these buffers serve from now on: no reservation beside them
         self._next = 0
         return _map_tensors(obj, lambda t: self._copy_tensor(t.detach()))
 
@@ -932,14 +938,25 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 def _host_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor; a big one page-aligned (in its own anonymous mmap, which the
-    tensor keeps alive), so that a direct write can take its bytes without a bounce copy, and
-    with its pages in place at once (``MAP_POPULATE``), cheaper than a fault per page."""
+    tensor keeps alive), so that a direct write can take its bytes without a bounce copy."""
     count = shape.numel()
     if count * dtype.itemsize < _HashingWriter.FROM_SOURCE_MIN:
         return torch.empty(shape, dtype=dtype)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    memory = mmap.mmap(-1, count * dtype.itemsize, flags=flags)
+    memory = mmap.mmap(-1, count * dtype.itemsize)
     return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)
+
+
+def _touch(buffer: torch.Tensor, piece: int = 16 << 20) -> None:
+    """Have the kernel hand out ``buffer``'s pages now, so the first copy into it does not.
+
+    ``ctypes.memset`` releases the GIL, and 16 MB pieces keep each hold of the process's memory
+    map short: an idle-priority thread must not keep training's own allocations waiting (a single
+    ``MAP_POPULATE`` of a 150 MB tensor would hold it for the whole tensor)."""
+    import ctypes
+
+    start, size = buffer.data_ptr(), buffer.nbytes
+    for offset in range(0, size, piece):
+        ctypes.memset(start + offset, 0, min(piece, size - offset))
 
 
 def _first_nonfinite(model: torch.nn.Module) -> str | None:
