@@ -862,6 +862,23 @@ def test_no_host_buffers_are_allocated_where_no_background_save_lies_ahead(tmp_p
     assert _host_buffers_made(tmp_path, monkeypatch, **kwargs) == []
 
 
+def test_a_wait_cut_short_by_a_second_signal_still_leaves_the_write_to_be_waited_for(tmp_path):
+    checkpoint = Checkpoint(tmp_path)
+    joins = []
+
+    class Writer:  # a background write whose first join a second Ctrl-C interrupts
+        def join(self):
+            joins.append(1)
+            if len(joins) == 1:
+                raise KeyboardInterrupt
+
+    checkpoint._writer = Writer()
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.wait()
+    checkpoint.wait()  # as on_exception does next: the write in flight is joined again
+    assert len(joins) == 2 and checkpoint._writer is None
+
+
 def test_the_non_finite_weight_check_is_not_fooled_by_a_sum_that_overflows():
     from enginekit.plugins.checkpoint import _first_nonfinite
 
