@@ -861,8 +861,8 @@ class _HostCopy:
     The buffers are reused only after the previous write has finished (``save`` waits for it
     first) and are freed at the end of fit. :meth:`reserve` allocates them ahead of the first
     save, in a thread at idle priority, and has their pages handed out: that first save then
-    keeps training waiting no longer than the others (``save()`` returned after 0.23-0.28 s in
-    three runs of ``benchmarks/checkpoint_overlap.py``, against 4.27 s when it allocated them).
+    keeps training waiting no longer than the others (``save()`` returned after 0.30 s in
+    ``benchmarks/checkpoint_overlap.py --block 3``, against 4.27 s when it allocated them).
 
     CUDA tensors are copied into ordinary (pageable) buffers too, so the copy is done when
     ``copy`` returns. Pinned buffers with non-blocking copies were tried on an H200: the main
