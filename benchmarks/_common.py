@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
@@ -126,3 +127,36 @@ def run_plain(cfg, batches, precision: str = "fp32") -> tuple[list[float], list[
 def summary(values: list[float]) -> tuple[float, float, float]:
     """Median, min and max."""
     return statistics.median(values), min(values), max(values)
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """The mean and its two-sided 95% interval (Student's t, its quantile from the Cornish-Fisher
+    expansion: within 0.001 of the table from 10 values on, 0.007 with 5)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 5:  # the expansion is far off below that
+        return mean, -math.inf, math.inf
+    z, dof = 1.959964, n - 1
+    t = (
+        z
+        + (z**3 + z) / (4 * dof)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3)
+    )
+    half = t * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def median_interval(values: list[float]) -> tuple[float, float, float]:
+    """The median and a distribution-free interval holding the true median with at least 95%
+    probability: the k-th smallest and k-th largest values, k from the binomial(n, 1/2) tails."""
+    ordered, n = sorted(values), len(values)
+    k, tail = 0, 0.0  # tail: P(fewer than k+1 of n values fall below the median)
+    while True:
+        nxt = tail + math.comb(n, k) / 2**n
+        if nxt > 0.025:
+            break
+        k, tail = k + 1, nxt
+    if k == 0:
+        return statistics.median(values), -math.inf, math.inf
+    return statistics.median(values), ordered[k - 1], ordered[n - k]

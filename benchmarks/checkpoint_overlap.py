@@ -15,8 +15,11 @@ Modes: ``async`` (the default Checkpoint), ``sync`` (``async_write=False``), ``a
 copy), ``async-page-cache`` (background, through the page cache, as where O_DIRECT is refused),
 ``async-nice`` (background, the writer at nice 19 instead of ``SCHED_IDLE``). Two warm-up blocks
 come first, a plain one and one with the first save (reported on its own). As in the main job, the
-host copy's buffers are allocated in the background after the first step. The main job's cost
-follows as the first save's cost plus 14 x the median cost per save, over its fit time.
+host copy's buffers are allocated in the background after the first step. After the rounds, one
+save is written in the foreground with training stopped, as the job's last save is at the end of
+its fit. Each mode's cost per save is given as a median and as a mean, each with a 95% interval;
+the main job's estimate is 14 background saves plus that last save, over its fit time (--fit-s),
+for the mean and for the top of its interval.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from _common import CONFIGS, machine
+from _common import CONFIGS, machine, mean_interval, median_interval
 
 from enginekit import Engine, hookimpl
 from enginekit.gpt import GPTModel
@@ -92,8 +95,9 @@ class Blocks:
             self.foreground.setdefault(key, []).append(time.perf_counter() - start)
 
 
-def run(modes: list[str], block: int, rounds: int, folder: Path) -> tuple[dict[str, list[float]], float, Blocks]:
-    """Cost per save of each mode, one per round, the cost of the warm-up save, and the blocks."""
+def run(modes: list[str], block: int, rounds: int, folder: Path) -> tuple[dict[str, list[float]], float, float, Blocks]:
+    """Cost per save of each mode, one per round, the cost of the warm-up save, the time of a save
+    in the foreground after the fit (as the job's last one), and the blocks."""
     torch.manual_seed(0)
     cfg = CONFIGS["124M"]
     model = GPTModel({**cfg, "context_length": 256})
@@ -108,7 +112,11 @@ def run(modes: list[str], block: int, rounds: int, folder: Path) -> tuple[dict[s
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2)
     checkpoint = Checkpoint(folder, every_epoch=False, keep_last=1)
     blocks = Blocks(checkpoint, block, kinds)
-    Engine(model, optimizer, loader, plugins=[checkpoint, blocks], device="cpu").fit(max_steps=steps)
+    engine = Engine(model, optimizer, loader, plugins=[checkpoint, blocks], device="cpu")
+    engine.fit(max_steps=steps)
+    start = time.perf_counter()
+    checkpoint.save(engine, background=False)
+    last = time.perf_counter() - start
     times = [0.0] + [b - a for a, b in zip(blocks.stamps, blocks.stamps[1:])]  # times[i]: block i
     costs: dict[str, list[float]] = {mode: [] for mode in modes}
     for r in range(rounds):
@@ -116,7 +124,7 @@ def run(modes: list[str], block: int, rounds: int, folder: Path) -> tuple[dict[s
         got = dict(zip(kinds[start : start + len(order)], times[start : start + len(order)]))
         for mode in modes:
             costs[mode].append(got[mode] - got["plain"])
-    return costs, times[2] - times[1], blocks
+    return costs, times[2] - times[1], last, blocks
 
 
 def main() -> None:
@@ -132,18 +140,25 @@ def main() -> None:
         p.error(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as folder:
-        costs, first, blocks = run(modes, args.block, args.rounds, Path(folder))
+        costs, first, last, blocks = run(modes, args.block, args.rounds, Path(folder))
     print(
         f"first save ({modes[0]}): {first:+.2f} s against the plain warm-up block; "
         f"save() returned after {blocks.foreground['warm-up'][0]:.2f} s"
     )
+    print(f"last save (in the foreground, training stopped): {last:.2f} s")
     for mode, values in costs.items():
-        med = statistics.median(values)
+        med, med_lo, med_hi = median_interval(values)
+        mean, mean_lo, mean_hi = mean_interval(values)
         print(
-            f"{mode:16s} cost per save: median {med:5.2f} s [{min(values):.2f}..{max(values):.2f}] over "
-            f"{len(values)} rounds of {args.block} steps ({', '.join(f'{c:.2f}' for c in values)}); "
-            f"main job (the first + 14 saves, fit {args.fit_s:.0f} s): {(first + 14 * med) / args.fit_s:+.1%}; "
-            f"save() returned after {statistics.median(blocks.foreground[mode]):.2f} s (median)",
+            f"{mode:16s} cost per save over {len(values)} rounds of {args.block} steps: "
+            f"median {med:+.2f} s (95% interval {med_lo:+.2f}..{med_hi:+.2f}), "
+            f"mean {mean:+.2f} s (95% interval {mean_lo:+.2f}..{mean_hi:+.2f}), "
+            f"range {min(values):+.2f}..{max(values):+.2f}; "
+            f"save() returned after {statistics.median(blocks.foreground[mode]):.2f} s (median)\n"
+            f"{'':16s} rounds: {', '.join(f'{c:+.2f}' for c in values)}\n"
+            f"{'':16s} main job (14 such saves + the last, fit {args.fit_s:.0f} s): "
+            f"{(14 * mean + last) / args.fit_s:+.1%} with the mean, {(14 * mean_hi + last) / args.fit_s:+.1%} "
+            f"at the top of its interval",
             flush=True,
         )
 
