@@ -536,6 +536,9 @@ class Checkpoint:
             try:
                 # records at page boundaries, so that their bytes can go to the file directly
                 align = _HashingWriter.ALIGN if writer.direct else 64
+                # torch >= 2.12 keeps config patches per thread; on 2.10-2.11 this one is seen by
+                # the whole process, so a torch.save elsewhere during a background write also
+                # skips its CRCs and pads to pages (its file still loads)
                 with serialization_config.patch({"save.compute_crc32": False, "save.storage_alignment": align}):
                     torch.save(payload, writer)  # type: ignore[arg-type]
                 writer.finish()
