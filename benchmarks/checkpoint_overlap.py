@@ -85,6 +85,9 @@ class Blocks:
             self._mode = None
         self.stamps.append(time.perf_counter())
         index = step // self.block  # the block that starts now
+        if len(self.stamps) > 1:  # progress: a run of many rounds takes an hour or more
+            ended = self.kinds[index - 1] if index - 1 < len(self.kinds) else "plain"
+            print(f"  block {index - 1} ({ended}): {self.stamps[-1] - self.stamps[-2]:.2f} s", flush=True)
         kind = self.kinds[index] if index < len(self.kinds) else "plain"
         if kind != "plain":
             self._mode = contextlib.ExitStack()
