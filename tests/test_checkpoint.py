@@ -845,8 +845,8 @@ def _host_buffers_made(tmp_path, monkeypatch, **checkpoint_kwargs) -> list[tuple
 
 
 def test_the_weights_host_buffers_are_allocated_ahead_at_idle_priority(tmp_path, monkeypatch):
-    made = _host_buffers_made(tmp_path, monkeypatch, every_steps=2, every_epoch=False)
     _needs_idle_scheduling()
+    made = _host_buffers_made(tmp_path, monkeypatch, every_steps=2, every_epoch=False)
     ahead = ("enginekit-host-buffers", os.SCHED_IDLE, torch.float32)
     # the 3 weights' buffers before the first save; that save adds only the engine's own tensors
     # (RNG states, counters: no float weights), and the second save (step 4) reuses them all;
