@@ -12,18 +12,19 @@ corpus) and ``enginekit.hookspec`` (the hooks, documented). Other modules are im
 from .engine import Engine, NonFiniteLossError, TrainingInterrupted, lm_loss
 from .hookspec import hookimpl
 from .metrics import Metrics
-from .registry import PluginError, PluginValueError
+from .registry import PluginFailure, describe_error, plugin_failure
 from .state import TrainState
 
 __all__ = [
     "Engine",
     "Metrics",
     "NonFiniteLossError",
-    "PluginError",
-    "PluginValueError",
+    "PluginFailure",
     "TrainState",
     "TrainingInterrupted",
+    "describe_error",
     "hookimpl",
     "lm_loss",
+    "plugin_failure",
 ]
 __version__ = "0.1.0"

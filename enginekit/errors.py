@@ -1,4 +1,4 @@
-"""The errors ``fit`` raises on its own (a plugin's failure is a :class:`~enginekit.PluginError`)."""
+"""The errors ``fit`` raises on its own (a plugin's exception passes through with a note naming it)."""
 
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ def on_save_point(engine: Engine, reason: str) -> None:
     moment is done, whatever ``tryfirst``/``trylast`` they use. Implementations must not change
     training state (model, optimizer, RNG, counters, any plugin's ``state_dict``): they only
     write it out, so several persisters are correct in any order. An exception here ends fit
-    with a :class:`~enginekit.PluginError`: a failed save is never silent.
+    with that exception (a note names the plugin): a failed save is never silent.
 
     Used by: Checkpoint (save).
     """
@@ -197,8 +197,9 @@ def on_exception(engine: Engine, error: BaseException) -> None:
     ``error`` is a :class:`~enginekit.TrainingInterrupted` after SIGINT/SIGTERM (the current
     step finished and ``on_save_point(engine, "signal")`` already ran; a signal that arrived
     during ``after_fit`` is reported here too, after it), a
-    :class:`~enginekit.NonFiniteLossError`, a :class:`~enginekit.PluginError`, or any other
-    exception. An exception raised here is reported as a warning and does not hide ``error``.
+    :class:`~enginekit.NonFiniteLossError`, a plugin's exception (see
+    :func:`~enginekit.plugin_failure`), or any other exception. An exception raised here is
+    reported as a warning and does not hide ``error``.
 
     Used by: ProgressBar (close).
     """

@@ -1,4 +1,4 @@
-"""The plugin registry: pluggy's manager, validation at registration, and errors that name the plugin."""
+"""The plugin registry: pluggy's manager, validation at registration, and notes that name a failing plugin."""
 
 from __future__ import annotations
 
@@ -8,13 +8,22 @@ import re
 import types
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
 from . import hookspec
 
-__all__ = ["HOOK_NAMES", "PluginError", "PluginValueError", "Registry", "default_plugin_name", "plugin_settings"]
+__all__ = [
+    "HOOK_NAMES",
+    "PluginFailure",
+    "Registry",
+    "default_plugin_name",
+    "describe_error",
+    "plugin_failure",
+    "plugin_settings",
+]
 
 #: Every hook, in the order one ``fit`` first emits them.
 HOOK_NAMES = (
@@ -31,33 +40,40 @@ HOOK_NAMES = (
 )
 
 
-class PluginError(RuntimeError):
-    """A plugin's hook raised; the message names the plugin and the hook, ``__cause__`` is the original."""
+@dataclass(frozen=True)
+class PluginFailure:
+    """Where a plugin's exception came from: the plugin, the hook and the step.
 
-    def __init__(self, message: str, plugin_name: str, hook_name: str) -> None:
-        super().__init__(message)
-        self.plugin_name = plugin_name
-        self.hook_name = hook_name
+    ``fit`` re-raises a plugin's exception itself, so ``except ValueError`` (or
+    ``except CheckpointError``) around it catches what the plugin raised; the exception carries
+    this as a note (shown in its traceback) and :func:`plugin_failure` reads it back.
+    """
+
+    plugin_name: str
+    hook_name: str
+    step: int
+    epoch: int
+
+    def __str__(self) -> str:
+        return (
+            f"plugin {self.plugin_name!r} failed in hook {self.hook_name!r} at step {self.step} (epoch {self.epoch})"
+        )
 
 
-class PluginValueError(PluginError, ValueError):
-    """A plugin rejected a setting (it raised ``ValueError``); still catchable as ``ValueError``."""
+_FAILURE_ATTRIBUTE = "__enginekit_failure__"
 
 
-_PLUGIN_ERROR_CLASSES: dict[type, type] = {ValueError: PluginValueError}
+def plugin_failure(error: BaseException) -> PluginFailure | None:
+    """The plugin, hook and step a hook's exception came from; None for an error of the engine's own."""
+    failure = getattr(error, _FAILURE_ATTRIBUTE, None)
+    return failure if isinstance(failure, PluginFailure) else None
 
 
-def _plugin_error_class(original: type[Exception]) -> type[PluginError]:
-    """A PluginError that is also an instance of the original type, so ``except ValueError``
-    (or ``except CheckpointError``) around ``fit`` still catches what a plugin raised."""
-    cls = _PLUGIN_ERROR_CLASSES.get(original)
-    if cls is None:
-        try:
-            cls = type(f"Plugin{original.__name__}", (PluginError, original), {"__module__": __name__})
-        except TypeError:  # incompatible layouts (e.g. OSError subclasses)
-            cls = PluginValueError if issubclass(original, ValueError) else PluginError
-        _PLUGIN_ERROR_CLASSES[original] = cls
-    return cls
+def describe_error(error: BaseException) -> str:
+    """One line for a user: ``plugin 'x' failed in hook 'after_step' at step 12 (epoch 1): KeyError: 'y'``
+    for a plugin's exception, the exception's own message otherwise."""
+    failure = plugin_failure(error)
+    return f"{failure}: {type(error).__name__}: {error}" if failure is not None else str(error)
 
 
 def plugin_settings(plugin: object) -> dict[str, Any]:
@@ -82,45 +98,9 @@ def default_plugin_name(plugin: object) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", raw).lower()
 
 
-#: how Registry.emit calls a hook (see Registry._direct_calls)
-_NOTHING, _ENGINE_ONLY, _ENGINE_AND_VALUE, _BY_NAME, _PLUGGY = range(5)
-
-
 class _PluginManager(pluggy.PluginManager):
     """Treats a public method named exactly like a hook as an implementation even without
-    ``@hookimpl`` (as pytest does), so forgetting the decorator is never a silent no-op.
-
-    ``generation`` changes whenever what a hook call would run may have changed (a plugin
-    registered or unregistered, specs added, call monitoring attached or detached), so the
-    registry knows when its direct-call plan is stale; ``monitors`` counts attached monitors.
-    """
-
-    generation = 0
-    monitors = 0
-
-    def register(self, plugin: Any, name: str | None = None) -> str | None:
-        self.generation += 1
-        return super().register(plugin, name)
-
-    def unregister(self, plugin: Any = None, name: str | None = None) -> Any:
-        self.generation += 1
-        return super().unregister(plugin, name)
-
-    def add_hookspecs(self, module_or_class: Any) -> None:
-        self.generation += 1
-        super().add_hookspecs(module_or_class)
-
-    def add_hookcall_monitoring(self, before: Any, after: Any) -> Any:
-        undo = super().add_hookcall_monitoring(before, after)
-        self.monitors += 1
-        self.generation += 1
-
-        def undo_and_count() -> None:
-            undo()
-            self.monitors -= 1
-            self.generation += 1
-
-        return undo_and_count
+    ``@hookimpl`` (as pytest does), so forgetting the decorator is never a silent no-op."""
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
         opts = super().parse_hookimpl_opts(plugin, name)
@@ -146,65 +126,16 @@ class Registry:
         self.engine = engine
         self.pm = new_manager()
         self.hook = self.pm.hook
-        self._plan: dict[str, tuple[int, tuple[Any, ...]]] = {}
-        self._plan_generation = -1
 
     def emit(self, hook_name: str, /, **kwargs: Any) -> None:
-        """Call ``hook_name``'s implementations, in pluggy's order, with the engine and ``kwargs``;
-        an implementation's exception becomes a :class:`PluginError` naming it and the step.
-
-        Pluggy's own call costs microseconds per hook even with no implementation, and the engine
-        emits four hooks every step. So when a hook has only plain implementations (no wrapper)
-        and nobody monitors calls, the registry calls them itself, from a plan rebuilt whenever
-        registration changes: the same functions, order, arguments and exceptions as pluggy.
-        Otherwise (a wrapper, a ``HookRecorder``, ``pm.trace``) pluggy makes the call.
-        """
-        engine = self.engine
+        """Call ``hook_name`` through pluggy with the engine and ``kwargs``. An implementation's
+        exception propagates unchanged in type, with a note naming the plugin, the hook and the step."""
         try:
-            if self._plan_generation != self.pm.generation:
-                self._replan()
-            mode, calls = self._plan[hook_name]
-            if mode == _NOTHING:
-                return
-            if mode == _ENGINE_ONLY:
-                for function in calls:
-                    function(engine)
-            elif mode == _ENGINE_AND_VALUE:  # every implementation takes (engine, the hook's one argument)
-                (value,) = kwargs.values()
-                for function in calls:
-                    function(engine, value)
-            elif mode == _BY_NAME:  # a mix: each gets the arguments it names, as pluggy passes them
-                values = {"engine": engine, **kwargs}
-                for function, argnames in calls:
-                    function(*[values[name] for name in argnames])
-            else:
-                getattr(self.hook, hook_name)(engine=engine, **kwargs)
-        except PluginError:
-            raise
+            getattr(self.hook, hook_name)(engine=self.engine, **kwargs)
         except Exception as exc:
-            where = f"at step {engine.state.step} (epoch {engine.state.epoch})"
-            raise self.plugin_error(hook_name, exc, where) from exc
-
-    def _replan(self) -> None:
-        self._plan = {name: self._direct_calls(name) for name in HOOK_NAMES}
-        self._plan_generation = self.pm.generation
-
-    def _direct_calls(self, hook_name: str) -> tuple[int, tuple[Any, ...]]:
-        """How ``emit`` calls ``hook_name`` now: a mode, and the functions in pluggy's order."""
-        caller = getattr(self.hook, hook_name)
-        impls = caller.get_hookimpls()
-        if self.pm.monitors or any(impl.wrapper or impl.hookwrapper or impl.kwargnames for impl in impls):
-            return _PLUGGY, ()
-        if not impls:
-            return _NOTHING, ()
-        impls = impls[::-1]  # pluggy calls the last registered first (tryfirst/trylast already sorted in)
-        argnames = {tuple(impl.argnames) for impl in impls}
-        spec_args = tuple(caller.spec.argnames)
-        if argnames == {("engine",)}:
-            return _ENGINE_ONLY, tuple(impl.function for impl in impls)
-        if argnames == {spec_args} and len(spec_args) == 2:  # engine and the hook's one argument, in order
-            return _ENGINE_AND_VALUE, tuple(impl.function for impl in impls)
-        return _BY_NAME, tuple((impl.function, tuple(impl.argnames)) for impl in impls)
+            if plugin_failure(exc) is None:  # a nested emit (after_evaluate inside after_step) named it already
+                self._attribute(hook_name, exc)
+            raise
 
     def register(self, plugin: Any, name: str | None = None, settings: dict[str, Any] | None = None) -> Any:
         """Register a plugin object, or a plugin by its entry-point name built with ``settings``,
@@ -304,8 +235,8 @@ class Registry:
         """Registered plugins by registration name, in registration order."""
         return dict(self.pm.list_name_plugin())
 
-    def plugin_error(self, hook_name: str, exc: Exception, where: str) -> PluginError:
-        """Name the plugin whose hook raised, found by matching the traceback's frames."""
+    def _attribute(self, hook_name: str, exc: Exception) -> None:
+        """Note on ``exc`` which plugin raised it, found by matching the traceback's frames."""
         impls = {
             getattr(impl.function, "__code__", None): impl.plugin_name
             for impl in getattr(self.hook, hook_name).get_hookimpls()
@@ -316,12 +247,10 @@ class Registry:
             if tb.tb_frame.f_code in impls:
                 plugin_name = impls[tb.tb_frame.f_code]
             tb = tb.tb_next
-        message = f"plugin {plugin_name!r} failed in hook {hook_name!r} {where}: {type(exc).__name__}: {exc}"
+        state = self.engine.state
+        failure = PluginFailure(plugin_name, hook_name, state.step, state.epoch)
+        exc.add_note(str(failure))
         try:
-            error = _plugin_error_class(type(exc))(message, plugin_name, hook_name)
-        except Exception:  # an exception type whose constructor needs other arguments
-            error = PluginError(message, plugin_name, hook_name)
-        for key, value in vars(exc).items():  # keep what the original carries (CheckpointError.details, ...)
-            if key not in ("plugin_name", "hook_name"):
-                setattr(error, key, value)
-        return error
+            setattr(exc, _FAILURE_ATTRIBUTE, failure)
+        except AttributeError:  # an exception type with __slots__ and no __dict__: the note must do
+            pass

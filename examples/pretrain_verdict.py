@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from enginekit import Engine, NonFiniteLossError, PluginError, TrainingInterrupted
+from enginekit import Engine, NonFiniteLossError, TrainingInterrupted, describe_error, plugin_failure
 from enginekit.data import verdict_loaders
 from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.gpt import GPT_CONFIG_124M, GPT_CONFIG_TINY, GPTModel
@@ -342,10 +342,12 @@ def train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     except CheckpointWriteError as exc:  # nothing was saved for that moment: say so in the status too
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
         return 4
-    except (ValueError, PluginError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a bad setting, or any plugin's failure: one line naming it
+        if not isinstance(exc, (ValueError, CheckpointError)) and plugin_failure(exc) is None:
+            raise
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
     if main_process:

@@ -1,6 +1,6 @@
-"""The registry calls plain implementations itself (no pluggy call per hook per step): it must
-call exactly what pluggy would, in pluggy's order, with the same arguments, and hand over to
-pluggy whenever pluggy's own machinery matters (wrappers, monitors)."""
+"""The registry calls hooks through pluggy: pluggy's order, arguments by name, wrappers and
+monitors as pluggy documents them, registration changes from the next call on, and a failing
+implementation named on its exception."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from enginekit import PluginError, hookimpl
-from enginekit.registry import _ENGINE_AND_VALUE, _ENGINE_ONLY, _NOTHING, _PLUGGY
+from enginekit import hookimpl, plugin_failure
 from enginekit.testing import make_engine
 
 Log = list[tuple[str, str, tuple[Any, ...]]]
@@ -111,7 +110,7 @@ def both_ways(make_plugins: Any) -> tuple[Log, Log]:
     return direct, through_pluggy
 
 
-def test_direct_calls_are_pluggys_calls_in_pluggys_order() -> None:
+def test_calls_come_in_pluggys_order_with_arguments_by_name_monitored_or_not() -> None:
     direct, through_pluggy = both_ways(
         lambda log: [("a", Plain("a", log)), ("odd", OddSignatures(log)), ("b", Plain("b", log))]
     )
@@ -130,23 +129,17 @@ def test_direct_calls_are_pluggys_calls_in_pluggys_order() -> None:
     assert ("odd", "after_step", (direct[7][2][0], "engine")) == direct[7]  # permuted arguments arrive by name
 
 
-def test_the_direct_plan_is_used_only_where_pluggy_adds_nothing() -> None:
-    engine = make_engine([Plain("a", []), WithDefault([])])
+def test_a_plugin_registered_through_pluggy_itself_is_called_from_the_next_hook() -> None:
+    log: Log = []
+    engine = make_engine([Plain("a", log)], steps_per_epoch=3)
     engine.fit(max_steps=1)
-    modes = {hook: mode for hook, (mode, _) in engine._registry._plan.items()}
-    assert modes["before_step"] == _ENGINE_AND_VALUE and modes["after_backward"] == _ENGINE_ONLY
-    assert modes["after_step"] == _PLUGGY  # an argument with a default: pluggy's keyword passing
-    assert modes["after_epoch"] == _NOTHING
-
-    undo = engine.pm.add_hookcall_monitoring(lambda *a: None, lambda *a: None)
+    engine.pm.register(Plain("b", log), name="b")  # pluggy's own API, not engine.register
     engine.fit(max_steps=2)
-    assert all(mode == _PLUGGY for mode, _ in engine._registry._plan.values())
-    undo()
-    engine.fit(max_steps=3)
-    assert engine._registry._plan["before_step"][0] == _ENGINE_AND_VALUE
+    step1 = [(name, hook) for name, hook, _ in log if hook == "after_backward"]
+    assert step1 == [("a", "after_backward"), ("b", "after_backward"), ("a", "after_backward")]
 
 
-def test_defaults_and_wrappers_go_through_pluggy_with_the_same_result() -> None:
+def test_defaults_and_wrappers_behave_as_pluggy_documents_them() -> None:
     class Wrapper:
         def __init__(self, log: Log) -> None:
             self.log = log
@@ -218,7 +211,7 @@ def test_a_monitor_attached_mid_fit_sees_the_calls_from_then_on() -> None:
     ]
 
 
-def test_a_direct_call_that_raises_names_the_plugin_and_the_step() -> None:
+def test_a_hook_that_raises_names_the_plugin_and_the_step() -> None:
     class Bad:
         @hookimpl
         def after_backward(self, engine: Any) -> None:
@@ -226,8 +219,33 @@ def test_a_direct_call_that_raises_names_the_plugin_and_the_step() -> None:
                 raise ValueError("bad gradients")
 
     engine = make_engine([("good", Plain("good", [])), ("bad", Bad())])
-    with pytest.raises(PluginError, match=r"plugin 'bad' failed in hook 'after_backward' at step 2") as info:
+    with pytest.raises(ValueError) as info:
         engine.fit()
-    assert isinstance(info.value, ValueError)
-    assert str(info.value.__cause__) == "bad gradients"
-    assert engine._registry._plan["after_backward"][0] == _ENGINE_ONLY  # the direct path raised
+    assert str(info.value) == "bad gradients"
+    assert info.value.__notes__ == ["plugin 'bad' failed in hook 'after_backward' at step 2 (epoch 0)"]
+    failure = plugin_failure(info.value)
+    assert (failure.plugin_name, failure.hook_name, failure.step, failure.epoch) == ("bad", "after_backward", 2, 0)
+    assert type(info.value) is ValueError  # the plugin's own exception, not a generated subclass
+
+
+def test_an_error_in_a_nested_hook_is_named_once_by_the_innermost_hook() -> None:
+    from enginekit import describe_error
+
+    class Reports:
+        @hookimpl
+        def after_step(self, engine: Any) -> None:
+            engine.publish_evaluation({"val_loss": 1.0})
+
+    class Reacts:
+        @hookimpl
+        def after_evaluate(self, engine: Any, metrics: Any) -> None:
+            raise KeyError("val_los")
+
+    engine = make_engine([Reports(), Reacts()], steps_per_epoch=2)
+    with pytest.raises(KeyError) as info:
+        engine.fit()
+    assert info.value.__notes__ == ["plugin 'reacts' failed in hook 'after_evaluate' at step 0 (epoch 0)"]
+    assert describe_error(info.value) == (
+        "plugin 'reacts' failed in hook 'after_evaluate' at step 0 (epoch 0): KeyError: 'val_los'"
+    )
+    assert describe_error(ValueError("engine's own")) == "engine's own" and plugin_failure(ValueError()) is None
