@@ -22,6 +22,7 @@ from .checks import check_count, check_number
 from .distributed import Distributed, resolve_device, set_sampler_epoch
 from .errors import NonFiniteLossError, TrainingInterrupted
 from .evaluation import mean_loss
+from .log import get_logger
 from .metrics import Metrics
 from .nonfinite import NonFinitePolicy
 from .precision import Precision
@@ -31,6 +32,9 @@ from .signals import StopSignals
 from .state import TrainState, capture_rng
 
 __all__ = ["Engine", "NonFiniteLossError", "TrainingInterrupted", "lm_loss"]
+
+#: where ``Engine.print`` sends plugins' lines for their users
+_PRINT = get_logger("enginekit.print")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -335,11 +339,10 @@ class Engine:
         return results
 
     def print(self, message: str) -> None:
-        """Print a line on the main process without breaking a progress bar."""
+        """Show a line on the main process, above any progress bar: an info record of the
+        ``enginekit.print`` logger (see :mod:`enginekit.log`)."""
         if self.state.is_main:
-            from tqdm.auto import tqdm
-
-            tqdm.write(message)
+            _PRINT.info(message)
 
     def all_true(self, flag: bool) -> bool:
         """True when ``flag`` is true on every rank; every rank must call it (outside torchrun: ``flag``)."""

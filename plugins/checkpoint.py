@@ -22,7 +22,10 @@ from enginekit.checks import check_count
 from enginekit.engine import Engine
 from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.hookspec import hookimpl
+from enginekit.log import get_logger
 from enginekit.registry import plugin_settings
+
+_log = get_logger(__name__)
 
 FORMAT = "enginekit-checkpoint"
 VERSION = 1
@@ -632,7 +635,7 @@ class Checkpoint:
             if odd is not None:
                 problems.append(f"{path.name}: {odd}")
                 message = f"Checkpoint: skipping {path.name}: {odd}; trying the previous one"
-                engine.print(message) if engine is not None else print(message)
+                engine.print(message) if engine is not None else _log.info(message)
                 continue
             try:
                 # RNG states must stay CPU tensors; load_state_dict moves model and optimizer tensors
@@ -640,7 +643,7 @@ class Checkpoint:
             except CheckpointError as exc:
                 problems.append(str(exc))
                 message = f"Checkpoint: skipping {exc}; trying the previous one"
-                engine.print(message) if engine is not None else print(message)
+                engine.print(message) if engine is not None else _log.info(message)
         if candidates:
             raise CheckpointError(
                 f"no valid checkpoint in {self.dir} ({len(candidates)} found, none verifies): " + "; ".join(problems)
