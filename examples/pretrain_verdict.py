@@ -31,8 +31,8 @@ import torch
 
 from enginekit import Engine, NonFiniteLossError, TrainingInterrupted, describe_error, plugin_failure
 from enginekit.data import verdict_loaders
-from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.gpt import GPT_CONFIG_124M, GPT_CONFIG_TINY, GPTModel
+from enginekit.plugin_api import FolderBusyError, atomic_write, lock_folder, lr_preview, plugin_settings, unlock_folder
 from enginekit.plugins import (
     Checkpoint,
     CheckpointError,
@@ -45,8 +45,6 @@ from enginekit.plugins import (
     SampleText,
     plot_lrs,
 )
-from enginekit.registry import plugin_settings
-from enginekit.testing import drive
 
 CONFIGS = {"124M": GPT_CONFIG_124M, "tiny": GPT_CONFIG_TINY}
 
@@ -251,14 +249,16 @@ def build_plugins(args: argparse.Namespace) -> list[object]:
 
 
 def plot_schedule(args: argparse.Namespace, steps_per_epoch: int) -> int:
-    """Draw the learning rate of every step for these settings, without a model (the testing kit's stand-in)."""
+    """Draw the learning rate of every step for these settings, without a model (``lr_preview``)."""
     plugins = [p for p in schedule_plugins(args) if not isinstance(p, GradClip)]
-    run = drive(plugins, epochs=args.epochs, steps_per_epoch=steps_per_epoch, max_steps=args.max_steps, lr=args.peak_lr)
+    lrs = lr_preview(
+        plugins, epochs=args.epochs, steps_per_epoch=steps_per_epoch, max_steps=args.max_steps, lr=args.peak_lr
+    )
     args.out.mkdir(parents=True, exist_ok=True)
-    if not plot_lrs(run.lrs, args.out / "lr.png"):
+    if not plot_lrs(lrs, args.out / "lr.png"):
         print("error: matplotlib is not installed: pip install 'enginekit[plot]'", file=sys.stderr)
         return 1
-    print(f"learning-rate schedule of {len(run.lrs)} steps written to {args.out / 'lr.png'}")
+    print(f"learning-rate schedule of {len(lrs)} steps written to {args.out / 'lr.png'}")
     return 0
 
 

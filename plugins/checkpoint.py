@@ -18,12 +18,17 @@ from typing import Any, BinaryIO
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from enginekit.checks import check_count
-from enginekit.engine import Engine
-from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
+from enginekit import Engine
 from enginekit.hookspec import hookimpl
-from enginekit.log import get_logger
-from enginekit.registry import plugin_settings
+from enginekit.plugin_api import (
+    FolderBusyError,
+    atomic_write,
+    check_count,
+    get_logger,
+    lock_folder,
+    plugin_settings,
+    unlock_folder,
+)
 
 _log = get_logger(__name__)
 

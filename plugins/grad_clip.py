@@ -6,9 +6,9 @@ from typing import Literal
 
 import torch
 
-from enginekit.checks import check_number
-from enginekit.engine import Engine
+from enginekit import Engine
 from enginekit.hookspec import hookimpl
+from enginekit.plugin_api import check_number
 
 
 class GradClip:

@@ -9,10 +9,9 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from enginekit.checks import check_count
-from enginekit.engine import Engine
-from enginekit.files import atomic_write
+from enginekit import Engine
 from enginekit.hookspec import hookimpl
+from enginekit.plugin_api import atomic_write, check_count
 
 METRICS_FILE = "metrics.jsonl"
 

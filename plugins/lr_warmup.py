@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from enginekit.checks import check_count, check_number
-from enginekit.engine import Engine
+from enginekit import Engine
 from enginekit.hookspec import hookimpl
+from enginekit.plugin_api import check_count, check_number
 
 
 def warmup_lr(step: int, warmup_steps: int, initial_lr: float, peak_lr: float) -> float:

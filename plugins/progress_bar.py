@@ -7,9 +7,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from enginekit.checks import check_count
-from enginekit.engine import Engine
+from enginekit import Engine
 from enginekit.hookspec import hookimpl
+from enginekit.plugin_api import check_count
 
 
 class ProgressBar:

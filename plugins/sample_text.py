@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from enginekit.checks import check_count
+from enginekit import Engine
 from enginekit.data import gpt2_tokenizer
-from enginekit.engine import Engine
 from enginekit.gpt import generate, text_to_token_ids, token_ids_to_text
 from enginekit.hookspec import hookimpl
+from enginekit.plugin_api import check_count
 
 
 class SampleText:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from enginekit.engine import Engine
+from enginekit import Engine
 from enginekit.hookspec import hookimpl
 
 
