@@ -1,6 +1,6 @@
 # Two commands from a fresh clone:
 #   make run     the main job (appendix D's final run); pass flags with ARGS="--model tiny --epochs 2"
-#   make test    ruff and the whole test suite
+#   make test    ruff, mypy (enginekit/ and plugins/) and the whole test suite
 # Each creates .venv on first use and refreshes it when a pyproject.toml changes.
 #
 # torch comes from pip's configured index. On a machine without a GPU, ask for the CPU build
@@ -22,6 +22,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 env: $(VENV)/.installed

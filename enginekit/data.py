@@ -166,7 +166,9 @@ def verdict_loaders(
         raise ValueError(f"train_ratio must be between 0 and 1, got {train_ratio}")
     text = load_verdict()
     split = int(train_ratio * len(text))
-    common = dict(batch_size=batch_size, max_length=context_length, stride=context_length, pin_memory=pin_memory)
+    common: dict[str, Any] = dict(
+        batch_size=batch_size, max_length=context_length, stride=context_length, pin_memory=pin_memory
+    )
     train = create_dataloader(text[:split], shuffle=True, drop_last=True, **common)
     val = create_dataloader(text[split:], shuffle=False, drop_last=False, **common)
     return train, val

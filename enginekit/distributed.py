@@ -180,7 +180,7 @@ def shard_loader(loader: Any, rank: int, world_size: int, seed: int) -> DataLoad
             "DistributedSampler yourself (DataLoader(..., sampler=DistributedSampler(dataset, ...))) or a "
             "sampler that yields only this rank's indices, and the engine keeps your loader as it is"
         )
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         loader.dataset,
         num_replicas=world_size,
         rank=rank,
@@ -208,6 +208,6 @@ def shard_loader(loader: Any, rank: int, world_size: int, seed: int) -> DataLoad
 
 
 def set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pluggy
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -189,7 +190,7 @@ class HookRecorder:
         self._open: list[tuple[HookCall, dict[str, Any]]] = []
         self._undo = engine.pm.add_hookcall_monitoring(self._before, self._after)
 
-    def _before(self, hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    def _before(self, hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
         st = self.engine.state
         args = {k: v for k, v in kwargs.items() if k != "engine"}
         # pluggy calls implementations last-registered first (wrappers, then tryfirst, first).
@@ -201,7 +202,13 @@ class HookRecorder:
         metrics = self.engine.metrics
         return {name: metrics.serial(name) for name in metrics}
 
-    def _after(self, outcome: Any, hook_name: str, hook_impls: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    def _after(
+        self,
+        outcome: pluggy.Result[Any],
+        hook_name: str,
+        hook_impls: Sequence[pluggy.HookImpl],
+        kwargs: Mapping[str, Any],
+    ) -> None:
         groups = self.engine.optimizer.param_groups
         call, before = self._open.pop()
         now = self._metric_entries()

@@ -547,7 +547,8 @@ class Checkpoint:
                 # torch >= 2.12 keeps config patches per thread; on 2.10-2.11 this one is seen by
                 # the whole process, so a torch.save elsewhere during a background write also
                 # skips its CRCs and pads to pages (its file still loads)
-                with serialization_config.patch({"save.compute_crc32": False, "save.storage_alignment": align}):
+                patch = serialization_config.patch  # type: ignore[attr-defined]  # installed at run time by torch's config module
+                with patch({"save.compute_crc32": False, "save.storage_alignment": align}):
                     torch.save(payload, writer)  # type: ignore[arg-type]
                 writer.finish()
             except RuntimeError:

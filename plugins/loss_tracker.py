@@ -77,7 +77,7 @@ class LossTracker:
             val_loader = engine.val_loader
             val_loss = engine.evaluate(val_loader, self.eval_iter) if val_loader is not None else math.nan
             engine.publish_evaluation({"train_loss": train_loss, "val_loss": val_loss})
-            row = {"step": st.step, "epoch": st.epoch, "tokens_seen": st.tokens_seen}
+            row: dict[str, Any] = {"step": st.step, "epoch": st.epoch, "tokens_seen": st.tokens_seen}
             row.update(train_loss=metrics["train_loss"], val_loss=metrics["val_loss"])
             row.update({k: v for k, v in metrics.at(st.step).items() if k not in row})
             self.records.append(row)

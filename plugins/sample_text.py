@@ -38,7 +38,7 @@ class SampleText:
             return
         model = engine.model
         tokenizer = self.tokenizer or gpt2_tokenizer()
-        context_size = model.pos_emb.weight.shape[0]
+        context_size = model.get_parameter("pos_emb.weight").shape[0]
         was_training = model.training
         model.eval()
         try:  # a failure must not leave dropout off for whoever carries on

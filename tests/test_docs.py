@@ -141,5 +141,7 @@ def test_the_two_commands_are_the_makefiles_and_ci_runs_the_test_one():
     assert commands == ["make run", "make test"]
     makefile = (ROOT / "Makefile").read_text()
     assert "\nrun: $(VENV)/.installed\n" in makefile and "\ntest: $(VENV)/.installed\n" in makefile
+    recipe = makefile.split("\ntest: $(VENV)/.installed\n", 1)[1].split("\n\n", 1)[0]
+    assert [line.split()[0] for line in recipe.splitlines()] == ["$(BIN)/ruff", "$(BIN)/mypy", "$(BIN)/python"]
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == "make test"

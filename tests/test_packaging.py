@@ -43,7 +43,7 @@ def test_wheel_contents(wheel):
     assert not any(n.startswith(("plugins/", "tests/", "examples/", "benchmarks/")) for n in names)
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = wheel.read(meta).decode()
-    for dep in ("torch>=2.10", "tiktoken", "pluggy", "tqdm"):
+    for dep in ("torch>=2.13", "tiktoken", "pluggy", "tqdm"):
         assert f"Requires-Dist: {dep}" in text
     entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "enginekit = enginekit.cli:main" in entry_points
@@ -68,3 +68,16 @@ def test_the_wheel_installs_and_imports_outside_the_source_tree(wheel, tmp_path)
     assert out.returncode == 0, out.stderr
     file, module, n_tokens = out.stdout.split()
     assert file.startswith(str(target)) and module == "enginekit.plugins.lr_warmup" and n_tokens == "5145"
+
+
+def test_the_lowest_torch_promised_is_the_one_the_tests_run():
+    import re
+
+    import torch
+
+    project = (ROOT / "pyproject.toml").read_text()
+    lowest = tuple(int(x) for x in re.search(r'"torch>=(\d+)\.(\d+)"', project).groups())
+    makefile = (ROOT / "Makefile").read_text()
+    pinned = tuple(int(x) for x in re.search(r"TORCH \?= torch==(\d+)\.(\d+)", makefile).groups())
+    running = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    assert lowest == pinned == running, "raise the requirement to what the tests run, or run them on the lowest"
