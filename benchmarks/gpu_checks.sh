@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 python3 -m pip install --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 ||
     { tail -n 20 "$out/install.log"; exit 1; }
-step tests 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or direct or page_cache" tests/test_engine.py tests/test_checkpoint.py
+step tests 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or direct or page_cache" tests/test_engine.py tests/test_precision.py tests/test_checkpoint.py
 step throughput-bf16 120 python3 benchmarks/throughput.py
 step throughput-bf16-compile 180 python3 benchmarks/throughput.py --compile
 step throughput-fp32 120 python3 benchmarks/throughput.py --precision fp32

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 # book_reference.py and other helpers live beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,6 +29,13 @@ TINY_CFG = {
     "drop_rate": 0.1,
     "qkv_bias": False,
 }
+
+
+def gpt_loader(cfg: dict, n_seqs: int, batch_size: int) -> DataLoader:
+    """``n_seqs`` random token sequences of the config's context length, as (inputs, targets) batches."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg["vocab_size"], (n_seqs, cfg["context_length"] + 1), generator=g)
+    return DataLoader(TensorDataset(x[:, :-1], x[:, 1:]), batch_size=batch_size, shuffle=False)
 
 
 @pytest.fixture

@@ -151,3 +151,8 @@ def test_plugins_and_examples_use_no_private_name_of_enginekit():
 def test_the_scan_finds_each_kind_of_private_use(code, use):
     assert [found.split(": ", 1)[1] for found in private_uses("examples/x.py", code)] == [use]
     assert private_uses("examples/pkg/tests/test_x.py", "from enginekit.testing import drive") == []
+
+
+def test_every_core_module_has_its_test_file():
+    missing = sorted(m for m in CORE if not (ROOT / "tests" / f"test_{m.split('.')[1]}.py").is_file())
+    assert missing == [], "tests mirror the source: add tests/test_<module>.py"
