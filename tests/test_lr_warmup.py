@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from enginekit import describe_error
 from enginekit.plugins import LRWarmup, warmup_lr
 from enginekit.testing import drive
 
@@ -55,7 +56,7 @@ def test_warmup_longer_than_the_run_is_rejected_before_the_first_step():
         ValueError, match="warmup_steps \\(12\\) must be smaller than the run's total_steps \\(10\\)"
     ) as info:
         drive(LRWarmup(warmup_steps=12), steps_per_epoch=10)
-    assert "lr_warmup" in str(info.value) and "before_fit" in str(info.value)
+    assert "plugin 'lr_warmup' failed in hook 'before_fit'" in describe_error(info.value)
 
 
 def test_fraction_giving_less_than_one_step_is_rejected():
