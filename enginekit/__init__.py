@@ -3,7 +3,9 @@
 Public API: this package's names (``Engine``, ``hookimpl``, ``TrainState``, ``Metrics``, the
 errors) and the modules ``enginekit.plugins`` (built-in plugins), ``enginekit.testing`` (the
 plugin test kit), ``enginekit.gpt`` (the book's model), ``enginekit.data`` (tokenizer, loaders,
-corpus) and ``enginekit.hookspec`` (the hooks, documented). Other modules are implementation::
+corpus), ``enginekit.hookspec`` (the hooks, documented), ``enginekit.plugin_api`` (setting checks,
+atomic writes, the run lock, ``lr_preview``) and ``enginekit.log`` (enginekit's loggers). Other
+modules are implementation::
 
     from enginekit import Engine, hookimpl, TrainState
     from enginekit.plugins import LRWarmup, CosineDecay, GradClip, LossTracker, EarlyStopping, ...

@@ -166,7 +166,9 @@ class Registry:
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
-            signatures = "; ".join(f"{h}({', '.join(getattr(self.hook, h).spec.argnames)})" for h in HOOK_NAMES)
+            signatures = "; ".join(
+                f"{h}({', '.join(inspect.signature(getattr(hookspec, h)).parameters)})" for h in HOOK_NAMES
+            )
             raise ValueError(
                 f"plugin {name!r} cannot be registered: {exc}. A hook implementation may take any "
                 f"subset of its hook's arguments: {signatures}"
