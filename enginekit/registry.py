@@ -22,6 +22,7 @@ HOOK_NAMES = (
     "before_epoch",
     "before_step",
     "after_backward",
+    "before_optimizer_step",
     "after_step",
     "after_evaluate",
     "on_save_point",
@@ -182,7 +183,7 @@ class Registry:
         except PluginError:
             raise
         except Exception as exc:
-            where = f"at step {engine.state.step} (epoch {engine.state.epoch})"
+            where = f"at step {engine.state.step} (epoch {engine.state.epoch + 1})"  # as the book prints: Ep 1
             raise self.plugin_error(hook_name, exc, where) from exc
 
     def _replan(self) -> None:

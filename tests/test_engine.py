@@ -15,7 +15,7 @@ from conftest import DEVICES
 
 
 def step_hooks(n: int) -> list[str]:
-    return ["before_step", "after_backward", "after_step", "on_save_point"] * n
+    return ["before_step", "after_backward", "before_optimizer_step", "after_step", "on_save_point"] * n
 
 
 def test_hook_order_for_two_epochs():
@@ -136,8 +136,8 @@ def test_should_stop_ends_the_run_after_the_current_step():
                 engine.state.should_stop = True
 
     run = drive(StopAtTwo(), epochs=3, steps_per_epoch=4)
-    assert run.hooks[-7:] == [
-        *["before_step", "after_backward", "after_step", "on_save_point"],
+    assert run.hooks[-8:] == [
+        *["before_step", "after_backward", "before_optimizer_step", "after_step", "on_save_point"],
         *["after_epoch", "on_save_point", "after_fit"],
     ]
     assert len(run.steps) == 3 and run.engine.state.step == 3
@@ -414,7 +414,10 @@ def test_sigterm_finishes_the_step_then_raises_training_interrupted():
         engine.fit()
     assert info.value.code == 143 and info.value.exit_code == 143
     assert engine.state.step == 2  # step 1 finished
-    assert rec.hooks[-5:] == ["after_backward", "after_step", "on_save_point", "on_save_point", "on_exception"]
+    assert rec.hooks[-6:] == [
+        *["after_backward", "before_optimizer_step", "after_step"],
+        *["on_save_point", "on_save_point", "on_exception"],
+    ]
     assert [c.kwargs["reason"] for c in rec.calls[-3:-1]] == ["step", "signal"]
 
 
