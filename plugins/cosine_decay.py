@@ -27,8 +27,8 @@ class CosineDecay:
     is registered, built-in or not; 0 without one, so alone it decays from step 0) to
     ``engine.state.total_steps``: with a warmup, in either registration order, the D.2 curve.
     It publishes ``engine.state.lr_decay`` in ``before_fit``, so a warmup knows not to hold the
-    peak (and a second decay schedule, registered before or after it, is refused). It keeps no state of its own: a resumed run's plan is checked against the checkpoint's
-    by :class:`Checkpoint`.
+    peak (and a second decay schedule, registered before or after it, is refused). It keeps no
+    state of its own: a resumed run's plan is checked against the checkpoint's by :class:`Checkpoint`.
 
     Args:
         min_lr: learning rate the cosine approaches at the end of the run (>= 0).
