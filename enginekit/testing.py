@@ -187,8 +187,8 @@ class HookRecorder:
 
     Attach to any engine: ``rec = HookRecorder(engine)``; :func:`drive` does it for you. The
     recorded ``lr`` is group 0's learning rate right after the hook's implementations ran; a
-    step's learning rates (:attr:`steps`, :attr:`lrs`) are read in ``after_step``, where the
-    engine guarantees they are the ones the step used.
+    step's learning rates (:attr:`steps`, :attr:`lrs`) are read as ``after_backward`` begins:
+    the effective rates (schedules' base times ``engine.lr_scales``) the update uses.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -205,6 +205,8 @@ class HookRecorder:
         call = HookCall(hook_name, st.step, st.epoch, [i.plugin_name for i in reversed(hook_impls)], kwargs=args)
         self.calls.append(call)
         self._open.append((call, self._metric_entries()))
+        if hook_name == "after_backward":  # the rates the engine applied for the update, lr_scales included
+            self._step_lrs[st.step] = [float(g["lr"]) for g in self.engine.optimizer.param_groups]
 
     def _metric_entries(self) -> dict[str, Any]:
         metrics = self.engine.metrics
@@ -216,8 +218,7 @@ class HookRecorder:
         now = self._metric_entries()
         call.published = {n: self.engine.metrics[n] for n, v in now.items() if before.get(n) != v}
         call.lr = float(groups[0]["lr"])
-        if hook_name == "after_step":  # the effective rates, lr_scales applied
-            self._step_lrs[self.engine.state.step] = [float(g["lr"]) for g in groups]
+
 
     def detach(self) -> None:
         self._undo()
