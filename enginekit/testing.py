@@ -219,7 +219,6 @@ class HookRecorder:
         call.published = {n: self.engine.metrics[n] for n, v in now.items() if before.get(n) != v}
         call.lr = float(groups[0]["lr"])
 
-
     def detach(self) -> None:
         self._undo()
 

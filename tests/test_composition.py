@@ -145,9 +145,9 @@ def test_a_reduction_survives_checkpoint_and_resume_in_every_order(tmp_path):
     for i, (order, allow_changes) in enumerate(orders):  # allow_changes must not undo the reduction either
         folder = tmp_path / f"run{i}"
 
-        def plugins(resume: bool):
+        def plugins(resume: bool, folder=folder, order=order, allow_changes=allow_changes) -> list:
             chosen = lr_plugins()
-            ckpt = Checkpoint(folder, resume=resume, allow_changes=allow_changes, async_write=False)  # saves at the signal
+            ckpt = Checkpoint(folder, resume=resume, allow_changes=allow_changes, async_write=False)  # saves at SIGTERM
             return [chosen[j] for j in order] + [ckpt]
 
         first = make_engine([*plugins(False), Kill(3)], steps_per_epoch=STEPS, lr=1.0)
@@ -223,20 +223,25 @@ class GradNorm:
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
 
+class Published:
+    """What GradClip published as grad_norm (the norm before clipping), read after the step."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    @hookimpl
+    def after_step(self, engine, loss):
+        self.norms.append(engine.metrics["grad_norm"])
+
+
 def test_tiny_gpt_gradient_readers_see_unclipped_gradients_in_either_order(tiny_cfg):
     seen = []
     for order in ([0, 1], [1, 0]):
         reader, clip = GradNorm(), GradClip(max_norm=1e-4)
-        published = []
-
-        class Published:
-            @hookimpl
-            def after_step(self, engine, loss):
-                published.append(engine.metrics["grad_norm"])
-
-        plugins = [[reader, clip][j] for j in order] + [Published()]
+        published = Published()
+        plugins = [[reader, clip][j] for j in order] + [published]
         gpt_engine(tiny_cfg, plugins).fit(max_steps=3)
-        assert reader.norms == pytest.approx(published, rel=1e-5) and min(reader.norms) > 1e-3
+        assert reader.norms == pytest.approx(published.norms, rel=1e-5) and min(reader.norms) > 1e-3
         seen.append(reader.norms)
     assert seen[0] == seen[1]
 
