@@ -57,7 +57,7 @@ def test_concepts_example_runs_with_a_smaller_model(capsys):
 def test_evaluation_reaction_example_passes_its_own_test():
     namespace: dict = {}
     exec(python_block_after("### Reacting to evaluations"), namespace)
-    namespace["test_halves_after_two_evaluations_without_progress"]()
+    namespace["test_halves_after_two_evaluations_without_progress_under_a_schedule"]()
 
 
 def test_the_two_commands_are_the_makefiles_and_ci_runs_the_test_one():
