@@ -353,3 +353,21 @@ def test_tiny_gpt_book_rows_are_unchanged_and_another_evaluators_rows_are_added(
         # LossTracker's own rows are the ones it writes alone (plus the other's numbers)
         own = [{k: v for k, v in r.items() if k != "perplexity"} for r in rows if "train_loss" in r]
         assert own == rows_of(tmp_path / "alone")
+
+
+# ------------------------------------------------------------------ one epoch convention in messages
+
+
+def test_messages_name_the_epoch_as_the_book_prints_it(capsys):
+    from enginekit import NonFiniteLossError, PluginError
+
+    class FailsInSecondEpoch:
+        @hookimpl
+        def after_step(self, engine, loss):
+            if engine.state.epoch == 1:
+                raise KeyError("boom")
+
+    with pytest.raises(PluginError, match=r"at step 3 \(epoch 2\)"):  # state.epoch == 1: the second epoch
+        drive(FailsInSecondEpoch(), epochs=2, steps_per_epoch=3)
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 \(epoch 1, batch 2 of the epoch\)"):
+        drive([], steps_per_epoch=3, losses=[1.0, math.nan, 1.0])

@@ -36,7 +36,8 @@ def test_matches_torchs_reduce_lr_on_plateau_step_by_step(settings):
     values = [rng.uniform(1.0, 2.0) for _ in range(20)]
     torch_kwargs = {k.replace("min_scale", "min_lr"): v for k, v in settings.items()}
     want = torch_lrs(values, 20, **torch_kwargs)
-    run = drive(ReduceLROnPlateau(**settings), steps_per_epoch=20, lr=1.0, evaluations=lambda s: {"val_loss": values[s]})
+    evaluations = {s: {"val_loss": v} for s, v in enumerate(values)}
+    run = drive(ReduceLROnPlateau(**settings), steps_per_epoch=20, lr=1.0, evaluations=evaluations)
     assert run.lrs == pytest.approx(want, rel=1e-12)
     assert len(set(want)) > 2  # the case reduces more than once
 
