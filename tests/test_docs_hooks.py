@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT
-
 from enginekit.registry import HOOK_NAMES
+
+from conftest import ROOT
 
 PAGE = (ROOT / "docs" / "hooks.md").read_text()
 
