@@ -218,6 +218,9 @@ def on_save_point(engine: Engine, reason: str) -> None:
     write it out, so several persisters are correct in any order. An exception here ends fit
     with a :class:`~enginekit.PluginError`: a failed save is never silent.
 
+    May read: everything (the base lrs are back in ``param_groups``; ``engine.lr_scales`` and
+    every plugin's state are final for the moment). May change: nothing; write it out.
+
     Used by: Checkpoint (save).
     """
 
@@ -230,6 +233,10 @@ def after_epoch(engine: Engine) -> None:
     counts the completed steps. The epoch's checkpoint is taken after this hook (in
     ``on_save_point(engine, "epoch")``), so it includes what plugins do here.
 
+    May read: the weights, counters, ``engine.metrics``. May change: this plugin's state,
+    ``should_stop``; an evaluation reported here gets its metrics row (tagged with the last
+    finished step).
+
     Used by: SampleText (generate).
     """
 
@@ -240,7 +247,9 @@ def after_fit(engine: Engine) -> None:
 
     Not called when fit is cut short by an error or a signal: ``on_exception`` is.
 
-    Used by: LossTracker (plots), ProgressBar (close).
+    May read: everything. May change: files of this plugin (plots, summaries).
+
+    Used by: LossTracker (plots), EarlyStopping, ProgressBar (close).
     """
 
 
@@ -253,6 +262,9 @@ def on_exception(engine: Engine, error: BaseException) -> None:
     during ``after_fit`` is reported here too, after it), a
     :class:`~enginekit.NonFiniteLossError`, a :class:`~enginekit.PluginError`, or any other
     exception. An exception raised here is reported as a warning and does not hide ``error``.
+
+    May read: ``error``, the state as it stands. May change: nothing of the run; close what
+    this plugin opened.
 
     Used by: ProgressBar (close).
     """
