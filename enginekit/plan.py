@@ -43,7 +43,8 @@ class LRScales(MutableMapping[str, Factor]):
     back into ``param_groups``, so a factor never compounds (without a schedule the base is the
     optimizer's own lr) and checkpoints hold the base. The factors travel with
     :meth:`Engine.state_dict`; they are not plan facts (resuming with them is not a change).
-    With no factor set, the step does not touch the learning rates at all.
+    With no factor set, the step does not touch the learning rates at all. A factor stays,
+    across fits too, until its owner changes or deletes it.
     """
 
     def __init__(self) -> None:
