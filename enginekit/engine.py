@@ -239,7 +239,7 @@ class Engine:
         metrics.step = st.step
         self._emit("before_step", batch=micro_batches[0] if self.grad_accum_steps == 1 else micro_batches)
         # 0. lr modifiers scale what the schedules set; the base goes back after the step (no compounding)
-        base_lrs = self.lr_scales.apply(opt.param_groups) if self.lr_scales else None
+        base_lrs = self.lr_scales.apply(opt.param_groups) if self.lr_scales.active else None
         metrics._put("lr", opt.param_groups[0]["lr"], st.step)
         try:
             return self._update(micro_batches)

@@ -49,6 +49,8 @@ class LRScales(MutableMapping[str, Factor]):
 
     def __init__(self) -> None:
         self._factors: dict[str, Factor] = {}
+        #: whether any factor is set: a plain attribute, so the engine's per-step check is free
+        self.active = False
 
     def __setitem__(self, name: str, factor: float | Sequence[float]) -> None:
         if not isinstance(name, str) or not name:
@@ -59,12 +61,14 @@ class LRScales(MutableMapping[str, Factor]):
             self._factors[name] = tuple(_check_factor(name, f) for f in factor)
         else:
             self._factors[name] = _check_factor(name, factor)
+        self.active = True
 
     def __getitem__(self, name: str) -> Factor:
         return self._factors[name]
 
     def __delitem__(self, name: str) -> None:
         del self._factors[name]
+        self.active = bool(self._factors)
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._factors))
@@ -108,7 +112,7 @@ class LRScales(MutableMapping[str, Factor]):
         return {name: list(f) if isinstance(f, tuple) else f for name, f in self._factors.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._factors = {}
+        self._factors, self.active = {}, False
         for name, factor in state.items():
             self[name] = factor
 

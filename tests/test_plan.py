@@ -95,3 +95,16 @@ def test_name_of_is_the_registration_name():
     assert engine.name_of(plugin) == "mine"
     with pytest.raises(ValueError, match="is not registered with this engine"):
         engine.name_of(P())
+
+
+def test_active_follows_the_factors():
+    scales = LRScales()
+    assert not scales.active
+    scales["a"] = 0.5
+    assert scales.active
+    del scales["a"]
+    assert not scales.active
+    scales.load_state_dict({"b": 0.5})
+    assert scales.active
+    scales.load_state_dict({})
+    assert not scales.active
