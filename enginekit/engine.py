@@ -1,7 +1,7 @@
 """The engine: one explicit training loop that emits the hooks of :mod:`enginekit.hookspec`.
 
-Read :meth:`Engine.fit`, then ``_run_epoch``, then ``_train_step``, top to bottom, to know the
-whole flow. Plugins (registry.py), torchrun (distributed.py) and resume bookkeeping
+Read :meth:`Engine.fit`, then ``_run_epoch``, then ``_train_step`` and ``_update``, top to bottom,
+to know the whole flow. Plugins (registry.py), torchrun (distributed.py) and resume bookkeeping
 (resume.py) live in modules of their own.
 """
 
