@@ -1,7 +1,7 @@
 """The engine: one explicit training loop that emits the hooks of :mod:`enginekit.hookspec`.
 
-Read :meth:`Engine.fit`, then ``_run_epoch``, then ``_train_step``, top to bottom, to know the
-whole flow. Plugins (registry.py), torchrun (distributed.py) and resume bookkeeping
+Read :meth:`Engine.fit`, then ``_run_epoch``, then ``_train_step`` and ``_update``, top to bottom,
+to know the whole flow. Plugins (registry.py), torchrun (distributed.py) and resume bookkeeping
 (resume.py) live in modules of their own.
 """
 
@@ -25,6 +25,7 @@ from .evaluation import mean_loss
 from .log import get_logger
 from .metrics import Metrics
 from .nonfinite import NonFinitePolicy
+from .plan import LRScales, plugin_on_stack
 from .precision import Precision
 from .registry import Registry
 from .resume import DataPosition, engine_state_dict, load_engine_state
@@ -76,9 +77,11 @@ class Engine:
             runs the plugins it names.
 
     What plugins use: ``state`` (:class:`TrainState`, counters and plan facts), ``metrics``
-    (:class:`~enginekit.metrics.Metrics`, the metrics channel), ``model``, ``optimizer``,
+    (:class:`~enginekit.metrics.Metrics`, the metrics channel), ``lr_scales``
+    (:class:`~enginekit.plan.LRScales`, the factors of lr modifiers), ``model``, ``optimizer``,
     ``train_loader``, ``val_loader``, ``device``, ``loss_fn``, ``forward_fn``, and the methods
-    ``evaluate``, ``publish_evaluation``, ``print``, ``all_true`` and ``broadcast_from_main``.
+    ``name_of``, ``evaluate``, ``publish_evaluation``, ``print``, ``all_true`` and
+    ``broadcast_from_main``.
     """
 
     def __init__(
@@ -102,6 +105,8 @@ class Engine:
         self._nonfinite = NonFinitePolicy(nonfinite, max_skips)
         self.state = TrainState()
         self.metrics = Metrics()
+        #: lr modifiers' factors by owner name: schedules set the base lr, these scale it (see LRScales)
+        self.lr_scales = LRScales()
         self.device = resolve_device(device)
         self._precision = Precision(precision, self.device)
         self.precision, self.scaler = precision, self._precision.scaler
@@ -121,6 +126,7 @@ class Engine:
         self._registry = Registry(self)
         self.pm, self.hook = self._registry.pm, self._registry.hook
         self._registry.register_all(plugins, autoload=autoload_plugins)
+        self.state._whose_code = lambda: plugin_on_stack(self.pm)  # names the owners of a plan fact
         #: ``_emit(hook_name, **kwargs)`` calls a hook's implementations (see ``Registry.emit``)
         self._emit = self._registry.emit
 
@@ -135,6 +141,14 @@ class Engine:
     def plugins(self) -> dict[str, Any]:
         """Registered plugins by registration name, in registration order."""
         return self._registry.plugins
+
+    def name_of(self, plugin: Any) -> str:
+        """``plugin``'s registration name (a plugin passes ``self``: the key of its ``lr_scales``
+        factor, its ``lr_decay`` value, its entry in checkpoints)."""
+        name = self.pm.get_name(plugin)
+        if name is None:
+            raise ValueError(f"{plugin!r} is not registered with this engine; register it first (Engine(plugins=...))")
+        return name
 
     # ------------------------------------------------------------------ the loop
 
@@ -182,7 +196,7 @@ class Engine:
                 "pass a larger epochs or max_steps to continue"
             )
         st.should_stop = False
-        st.warmup_steps, st.lr_decay = 0, None
+        st.reset_plan()
         # torch's schedulers keep each group's first lr as ``initial_lr``: a second fit plans from it too
         st.peak_lrs = [float(g.setdefault("initial_lr", g["lr"])) for g in self.optimizer.param_groups]
         self.metrics.step = st.step - 1
@@ -228,8 +242,18 @@ class Engine:
         st, opt, metrics = self.state, self.optimizer, self.metrics
         metrics.step = st.step
         self._emit("before_step", batch=micro_batches[0] if self.grad_accum_steps == 1 else micro_batches)
+        # 0. lr modifiers scale what the schedules set; the base goes back after the step (no compounding)
+        base_lrs = self.lr_scales.apply(opt.param_groups) if self.lr_scales.active else None
         metrics._put("lr", opt.param_groups[0]["lr"], st.step)
+        try:
+            return self._update(micro_batches)
+        finally:
+            if base_lrs is not None:
+                self.lr_scales.restore(opt.param_groups, base_lrs)
 
+    def _update(self, micro_batches: list[Any]) -> bool:
+        """Forward, backward, checks and the update of one step whose lr is set; False when skipped."""
+        st, opt, metrics = self.state, self.optimizer, self.metrics
         # 1. forward + backward per micro-batch; the loss is averaged so gradients equal the big batch's
         loss, tokens = self._forward_backward(micro_batches)
         if self._dist.active:  # every rank then logs, and judges finiteness on, the same number
@@ -249,7 +273,8 @@ class Engine:
             opt.zero_grad(set_to_none=True)
             return False
         metrics._put("step_loss", loss, st.step)
-        self._emit("after_backward")
+        self._emit("after_backward")  # readers: gradients as backward left them, in every order
+        self._emit("before_optimizer_step")  # writers: clipping, after every reader
         # 4. update, then free the gradients
         if self.scaler is not None:
             self.scaler.step(opt)
@@ -363,6 +388,7 @@ class Engine:
             self._dist.gather(capture_rng(), self.state.world_size),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             metrics=self.metrics.state_dict(),
+            lr_scales=self.lr_scales.state_dict(),
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -371,4 +397,5 @@ class Engine:
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.metrics.load_state_dict(state.get("metrics", {}))
+        self.lr_scales.load_state_dict(state.get("lr_scales", {}))
         self.metrics.step = self.state.step - 1

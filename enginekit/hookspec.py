@@ -7,7 +7,8 @@ One ``fit`` call emits, in this order::
         before_step(engine, batch)          once per optimizer step, before any forward
           [forward + loss + backward per micro-batch, under autocast]
           [GradScaler.unscale_ when fp16]
-        after_backward(engine)              gradients complete and unscaled
+        after_backward(engine)              gradients complete, unscaled, not yet modified: READ them
+        before_optimizer_step(engine)       the same gradients: CHANGE them (clip) here
           [optimizer.step(); optimizer.zero_grad(set_to_none=True)]
         after_step(engine, loss)            the step is done
           after_evaluate(engine, metrics)   whenever a plugin evaluates (inside the step's hooks)
@@ -28,6 +29,14 @@ Plugins talk through the engine only: facts of a plan on ``engine.state`` (publi
 ``before_fit``, read later), numbers on ``engine.metrics``, events as hooks. Guarantees belong to
 the hooks, never to the order plugins are registered in: no plugin needs ``tryfirst``,
 ``trylast`` or a wrapper to be correct; those are for cosmetics (which line prints first).
+
+Read, then change: within a step every plugin that only reads a quantity sees it before any
+plugin changes it, whatever the order. Gradients are read in ``after_backward`` and changed in
+``before_optimizer_step``. Learning rates compose by one rule: schedules *set* each group's
+base lr in ``before_step``; modifiers never write ``param_groups``, they *scale* it through
+``engine.lr_scales[engine.name_of(self)] = factor`` (:class:`~enginekit.plan.LRScales`), which
+the engine multiplies in after every ``before_step`` implementation. Each hook below says what
+a plugin may read and what it may change there.
 """
 
 from __future__ import annotations
@@ -62,6 +71,10 @@ def before_fit(engine: Engine) -> None:
     after ``yield`` in a ``wrapper=True`` implementation), so restored state wins over what the
     other plugins set up from the fresh optimizer.
 
+    May read: the totals; the optimizer and model as set up. May change: the plan facts this
+    plugin owns (``warmup_steps`` and ``lr_decay`` have one owner each: a second plugin setting
+    one gets a ``ValueError`` naming both, in either order), its own state.
+
     Used by: LRWarmup (publishes ``warmup_steps``), CosineDecay (publishes ``lr_decay``),
     GradClip, LossTracker (output folder), ProgressBar (open the bar), Checkpoint (resume).
     """
@@ -74,6 +87,8 @@ def before_epoch(engine: Engine) -> None:
     Guaranteed: ``engine.state.epoch`` is the 0-based index of the epoch about to run; a
     ``DistributedSampler``'s ``set_epoch`` has been called. When a run resumes mid-epoch this
     fires again for that epoch, with ``engine.state.step_in_epoch > 0``.
+
+    May read: every plan fact (final now). May change: per-epoch settings of your own.
 
     Used by: no built-in plugin (the engine itself calls ``set_epoch``); per-epoch setup of
     your own, such as curriculum or data-mixing schedules, belongs here.
@@ -91,23 +106,52 @@ def before_step(engine: Engine, batch: Any) -> None:
     ``global_step``), the same value every hook of this step sees; gradients are ``None``.
     Fires once per optimizer step, never per micro-batch.
 
-    The engine publishes ``lr`` (group 0's learning rate) on ``engine.metrics`` right after
-    this hook, so it is the rate this step uses.
+    May change: each group's base learning rate (``param_groups[i]["lr"]``), if this plugin
+    is a schedule; a modifier's factor (``engine.lr_scales[name]``) for this step. After every
+    implementation has run, the engine multiplies each group's lr by the factors in
+    ``engine.lr_scales`` (the same result in every order) and publishes ``lr`` (group 0's
+    effective rate) on ``engine.metrics``: the rate this step uses. It writes the base back
+    after ``after_step``, so a schedule-less run never compounds a factor. May read: the base
+    lrs other schedules set are only final after this hook; read the effective rate later.
 
-    Used by: LRWarmup, CosineDecay.
+    Used by: LRWarmup, CosineDecay, LRScheduler (as a schedule).
     """
 
 
 @hookspec
 def after_backward(engine: Engine) -> None:
-    """Once per optimizer step, after every micro-batch's backward, before ``optimizer.step()``.
+    """Once per optimizer step, after every micro-batch's backward: READ the gradients here.
 
-    Guaranteed: the gradients are complete for the whole step (all micro-batches accumulated)
-    and unscaled (the engine called ``GradScaler.unscale_`` first), the loss is finite (the
-    engine's non-finite policy has run, and ``step_loss`` is on ``engine.metrics``), so clipping
-    here is correct whatever the plugin order. Modifying gradients here changes the update.
+    Guaranteed: the gradients are complete for the whole step (all micro-batches accumulated),
+    unscaled (the engine called ``GradScaler.unscale_`` first) and not yet modified by any
+    plugin (clipping happens later, in ``before_optimizer_step``), in every registration order;
+    the loss is finite (the engine's non-finite policy has run, and ``step_loss`` is on
+    ``engine.metrics``); the update has not happened.
 
-    Used by: GradClip (publishes ``grad_norm``).
+    May read: gradients, parameters, ``engine.metrics``, the effective lr. May change: nothing
+    of the step (publish statistics on ``engine.metrics``); changing gradients belongs in
+    ``before_optimizer_step``, so every reader here sees them as backward left them.
+
+    Used by: your gradient statistics (per-layer norms, histograms).
+    """
+
+
+@hookspec
+def before_optimizer_step(engine: Engine) -> None:
+    """Once per optimizer step, after every ``after_backward`` implementation, just before
+    ``optimizer.step()`` (``GradScaler.step`` in fp16): CHANGE the gradients here.
+
+    Guaranteed: the same complete, unscaled gradients every ``after_backward`` reader saw;
+    the loss is finite; ``engine.state.step`` is this step's index; the lr in ``param_groups``
+    is the effective one this step uses. Not emitted for a step the non-finite policy or an
+    fp16 overflow dropped.
+
+    May read: gradients (as other writers leave them: writers that must compose, such as two
+    clippers, apply in registration order), parameters. May change: gradients (clip, add
+    noise, mask), in place. Not the lr: it is fixed for this step (set it in ``before_step``
+    or scale it through ``engine.lr_scales`` from the next step on).
+
+    Used by: GradClip (clips; publishes ``grad_norm``, the norm before clipping).
     """
 
 
@@ -121,9 +165,14 @@ def after_step(engine: Engine, loss: Any) -> None:
 
     Guaranteed: ``engine.state.step`` is still this step's index; ``tokens_seen`` includes
     this step; the learning rate in ``engine.optimizer.param_groups`` is the one this step
-    used. Set ``engine.state.should_stop = True`` to end the run after this step. No checkpoint
+    used (the effective one; the engine writes the base back after this hook). Set
+    ``engine.state.should_stop = True`` to end the run after this step. No checkpoint
     of this step has been taken yet: that happens in ``on_save_point``, after every
     implementation of this hook (wrappers included) has returned.
+
+    May read: the updated weights, the step's metrics. May change: ``should_stop``,
+    ``engine.lr_scales`` (counts from the next step), the state of this plugin; evaluate and
+    report through :meth:`Engine.publish_evaluation`. Not ``param_groups``' lr.
 
     Used by: LossTracker (evaluate, record), ProgressBar (update).
     """
@@ -143,7 +192,12 @@ def after_evaluate(engine: Engine, metrics: dict[str, float]) -> None:
     is correct in every registration order. Publish derived numbers (accuracy, a best-so-far)
     on ``engine.metrics`` here and they join the step's metrics row.
 
-    Used by: EarlyStopping.
+    May read: ``metrics``, ``engine.metrics``, the weights just evaluated. May change:
+    ``should_stop``, ``engine.lr_scales`` (a plateau reducer: from the next step on), this
+    plugin's state. Not ``param_groups``' lr (the next ``before_step`` schedule overwrites it).
+
+    Used by: EarlyStopping, ReduceLROnPlateau, LRScheduler (with ``monitor``), BestCheckpoint,
+    LossTracker (a metrics row for every evaluation, whoever evaluated).
     """
 
 
@@ -164,6 +218,9 @@ def on_save_point(engine: Engine, reason: str) -> None:
     write it out, so several persisters are correct in any order. An exception here ends fit
     with that exception (a note names the plugin): a failed save is never silent.
 
+    May read: everything (the base lrs are back in ``param_groups``; ``engine.lr_scales`` and
+    every plugin's state are final for the moment). May change: nothing; write it out.
+
     Used by: Checkpoint (save).
     """
 
@@ -176,6 +233,10 @@ def after_epoch(engine: Engine) -> None:
     counts the completed steps. The epoch's checkpoint is taken after this hook (in
     ``on_save_point(engine, "epoch")``), so it includes what plugins do here.
 
+    May read: the weights, counters, ``engine.metrics``. May change: this plugin's state,
+    ``should_stop``; an evaluation reported here gets its metrics row (tagged with the last
+    finished step).
+
     Used by: SampleText (generate).
     """
 
@@ -186,7 +247,9 @@ def after_fit(engine: Engine) -> None:
 
     Not called when fit is cut short by an error or a signal: ``on_exception`` is.
 
-    Used by: LossTracker (plots), ProgressBar (close).
+    May read: everything. May change: files of this plugin (plots, summaries).
+
+    Used by: LossTracker (plots), EarlyStopping, ProgressBar (close).
     """
 
 
@@ -200,6 +263,9 @@ def on_exception(engine: Engine, error: BaseException) -> None:
     :class:`~enginekit.NonFiniteLossError`, a plugin's exception (see
     :func:`~enginekit.plugin_failure`), or any other exception. An exception raised here is
     reported as a warning and does not hide ``error``.
+
+    May read: ``error``, the state as it stands. May change: nothing of the run; close what
+    this plugin opened.
 
     Used by: ProgressBar (close).
     """

@@ -37,7 +37,7 @@ class NonFinitePolicy:
         """The step's loss is not finite (the engine checked, with the step's one host read):
         raise, or drop the gradients and count a skip so the loop retries with the next batch."""
         optimizer.zero_grad(set_to_none=True)
-        where = f"at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch} of the epoch)"
+        where = f"at step {state.step} (epoch {state.epoch + 1}, batch {state.batches_in_epoch} of the epoch)"
         if self.policy == "error":
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} {where}; stopped before the update, so weights, "

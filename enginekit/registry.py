@@ -31,6 +31,7 @@ HOOK_NAMES = (
     "before_epoch",
     "before_step",
     "after_backward",
+    "before_optimizer_step",
     "after_step",
     "after_evaluate",
     "on_save_point",
@@ -55,9 +56,8 @@ class PluginFailure:
     epoch: int
 
     def __str__(self) -> str:
-        return (
-            f"plugin {self.plugin_name!r} failed in hook {self.hook_name!r} at step {self.step} (epoch {self.epoch})"
-        )
+        where = f"at step {self.step} (epoch {self.epoch + 1})"  # epochs 1-based in messages, as the book prints
+        return f"plugin {self.plugin_name!r} failed in hook {self.hook_name!r} {where}"
 
 
 _FAILURE_ATTRIBUTE = "__enginekit_failure__"
@@ -70,7 +70,7 @@ def plugin_failure(error: BaseException) -> PluginFailure | None:
 
 
 def describe_error(error: BaseException) -> str:
-    """One line for a user: ``plugin 'x' failed in hook 'after_step' at step 12 (epoch 1): KeyError: 'y'``
+    """One line for a user: ``plugin 'x' failed in hook 'after_step' at step 12 (epoch 2): KeyError: 'y'``
     for a plugin's exception, the exception's own message otherwise."""
     failure = plugin_failure(error)
     return f"{failure}: {type(error).__name__}: {error}" if failure is not None else str(error)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -17,6 +18,10 @@ class TrainState:
 
     Every counter is 0-based. Inside the hooks of one optimizer step the counters name that
     step; between steps and after ``fit`` they count what is finished.
+
+    Messages for people (resume lines, plugin errors, LossTracker's ``Ep 1 (Iter 000000)``)
+    follow the book's own printing: the epoch 1-based (``epoch + 1``: "epoch 1" is the first),
+    the step as the 0-based ``step`` (the book's ``global_step``, its ``Iter``).
 
     Attributes:
         step: index of the optimizer step in progress, the book's ``global_step``: 0 in every
@@ -43,15 +48,20 @@ class TrainState:
     ``before_fit``, where the owner may not have run yet). This is how plugins learn of each
     other's plans without importing or finding each other:
 
-        warmup_steps: steps of learning-rate warmup, published by the warmup schedule
+        warmup_steps (int): steps of learning-rate warmup, published by the warmup schedule
             (:class:`~enginekit.plugins.LRWarmup` or your own); 0 when nothing warms up.
             Decays start after it, ``GradClip(start_step="after_warmup")`` clips from it.
-        peak_lrs: the peak learning rate of each parameter group: each group's
+        peak_lrs (list[float]): the peak learning rate of each parameter group: each group's
             ``initial_lr`` (its lr at the first fit) unless a schedule given an explicit
             ``peak_lr`` publishes another.
-        lr_decay: registration name of the plugin that sets the learning rate after warmup
-            (published by a decay schedule such as :class:`~enginekit.plugins.CosineDecay`);
-            ``None`` when nothing decays, and then a warmup holds the peak.
+        lr_decay (str | None): registration name of the plugin that sets the learning rate
+            after warmup (published by a decay schedule such as
+            :class:`~enginekit.plugins.CosineDecay`, as ``engine.name_of(self)``); ``None`` when
+            nothing decays, and then a warmup holds the peak.
+
+    ``warmup_steps`` and ``lr_decay`` have one owner per fit: the first plugin that sets one
+    owns it, and a second plugin setting it (whatever the value, whichever registered first)
+    gets a ``ValueError`` naming both, so two warmups or two decays never run silently.
     """
 
     step: int = 0
@@ -66,9 +76,44 @@ class TrainState:
     skipped_steps: int = 0
     rank: int = 0
     world_size: int = 1
-    warmup_steps: int = 0
     peak_lrs: list[float] = field(default_factory=list)
-    lr_decay: str | None = None
+    _warmup_steps: int = field(default=0, repr=False)
+    _lr_decay: str | None = field(default=None, repr=False)
+    #: who owns each single-owner plan fact in this fit (fact -> registration name)
+    _owners: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    #: set by the engine: the registration name of the plugin whose code is running, or None
+    _whose_code: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self._warmup_steps
+
+    @warmup_steps.setter
+    def warmup_steps(self, value: int) -> None:
+        self._claim("warmup_steps", "register one warmup schedule only")
+        self._warmup_steps = value
+
+    @property
+    def lr_decay(self) -> str | None:
+        return self._lr_decay
+
+    @lr_decay.setter
+    def lr_decay(self, value: str | None) -> None:
+        self._claim("lr_decay", "register one decay schedule only")
+        self._lr_decay = value
+
+    def _claim(self, fact: str, advice: str) -> None:
+        owner = (self._whose_code() if self._whose_code is not None else None) or "code outside any plugin"
+        previous = self._owners.setdefault(fact, owner)
+        if previous != owner:
+            raise ValueError(
+                f"plan fact TrainState.{fact} has two owners: plugin {previous!r} set it and plugin {owner!r} "
+                f"sets it too; {advice}"
+            )
+
+    def reset_plan(self) -> None:
+        """The engine's reset at the start of every fit: default plan facts, no owners yet."""
+        self._warmup_steps, self._lr_decay, self._owners = 0, None, {}
 
     @property
     def is_main(self) -> bool:

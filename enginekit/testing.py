@@ -38,7 +38,7 @@ from .hookspec import hookimpl
 
 __all__ = ["HookCall", "HookRecorder", "Run", "StepRecord", "drive", "make_engine"]
 
-STEP_HOOKS = ("before_step", "after_backward", "after_step")
+STEP_HOOKS = ("before_step", "after_backward", "before_optimizer_step", "after_step")
 
 
 class StandInModel(nn.Module):
@@ -147,17 +147,23 @@ class _InjectedEvaluations:
 @dataclass
 class HookCall:
     """One emission of a hook: its name, the counters when it fired, who implemented it, and
-    what was published on the metrics channel during it."""
+    what was published on the metrics channel during it.
+
+    Fields: ``hook`` (str), ``step`` and ``epoch`` (int, ``engine.state``'s 0-based counters when
+    it fired), ``plugins`` (list of registration names, in call order), ``lr`` (float),
+    ``kwargs`` (dict: the hook's arguments but ``engine``) and ``published`` (dict name -> float).
+    """
 
     #: The hook's name.
     hook: str
     #: ``engine.state.step`` when it fired.
     step: int
-    #: ``engine.state.epoch`` when it fired.
+    #: ``engine.state.epoch`` when it fired (0-based).
     epoch: int
     #: Registration names of the implementations, in call order.
     plugins: list[str]
-    #: Parameter group 0's learning rate right after the implementations ran.
+    #: Parameter group 0's learning rate right after the implementations ran (for ``before_step``:
+    #: the base the schedules set, before ``engine.lr_scales``; :attr:`StepRecord.lr` is what the step used).
     lr: float = math.nan
     #: The hook's arguments other than ``engine`` (``batch``, ``loss``, ``metrics``, ``reason``...).
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -167,7 +173,8 @@ class HookCall:
 
 @dataclass
 class StepRecord:
-    """What happened in one optimizer step."""
+    """What happened in one optimizer step: ``lr`` and ``lrs`` are the effective learning rates
+    it used (group 0, every group: the schedules' base times ``engine.lr_scales``)."""
 
     step: int
     epoch: int
@@ -180,7 +187,9 @@ class HookRecorder:
     """Records every hook the engine emits, with the plugins called for it in call order.
 
     Attach to any engine: ``rec = HookRecorder(engine)``; :func:`drive` does it for you. The
-    recorded ``lr`` is group 0's learning rate right after the hook's implementations ran.
+    recorded ``lr`` is group 0's learning rate right after the hook's implementations ran; a
+    step's learning rates (:attr:`steps`, :attr:`lrs`) are read as ``after_backward`` begins:
+    the effective rates (schedules' base times ``engine.lr_scales``) the update uses.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -197,6 +206,8 @@ class HookRecorder:
         call = HookCall(hook_name, st.step, st.epoch, [i.plugin_name for i in reversed(hook_impls)], kwargs=args)
         self.calls.append(call)
         self._open.append((call, self._metric_entries()))
+        if hook_name == "after_backward":  # the rates the engine applied for the update, lr_scales included
+            self._step_lrs[st.step] = [float(g["lr"]) for g in self.engine.optimizer.param_groups]
 
     def _metric_entries(self) -> dict[str, Any]:
         metrics = self.engine.metrics
@@ -214,8 +225,6 @@ class HookRecorder:
         now = self._metric_entries()
         call.published = {n: self.engine.metrics[n] for n, v in now.items() if before.get(n) != v}
         call.lr = float(groups[0]["lr"])
-        if hook_name == "before_step":
-            self._step_lrs[self.engine.state.step] = [float(g["lr"]) for g in groups]
 
     def detach(self) -> None:
         self._undo()

@@ -27,8 +27,8 @@ class CosineDecay:
     is registered, built-in or not; 0 without one, so alone it decays from step 0) to
     ``engine.state.total_steps``: with a warmup, in either registration order, the D.2 curve.
     It publishes ``engine.state.lr_decay`` in ``before_fit``, so a warmup knows not to hold the
-    peak. It keeps no state of its own: a resumed run's plan is checked against the checkpoint's
-    by :class:`Checkpoint`.
+    peak (and a second decay schedule, registered before or after it, is refused). It keeps no
+    state of its own: a resumed run's plan is checked against the checkpoint's by :class:`Checkpoint`.
 
     Args:
         min_lr: learning rate the cosine approaches at the end of the run (>= 0).
@@ -51,13 +51,7 @@ class CosineDecay:
     @hookimpl
     def before_fit(self, engine: Engine) -> None:
         st = engine.state
-        name = engine.pm.get_name(self) or type(self).__name__
-        if st.lr_decay is not None:
-            raise ValueError(
-                f"CosineDecay: plugin {st.lr_decay!r} already sets the learning rate after warmup; "
-                "register one decay schedule only"
-            )
-        st.lr_decay = name
+        st.lr_decay = engine.name_of(self)  # a second decay, before or after this one, is refused by TrainState
         self._published_peaks = None
         if self.peak_lr is not None:
             self._published_peaks = st.peak_lrs = [float(self.peak_lr)] * len(engine.optimizer.param_groups)

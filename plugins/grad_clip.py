@@ -14,8 +14,9 @@ from enginekit.plugin_api import check_number
 class GradClip:
     """``clip_grad_norm_(model.parameters(), max_norm)`` once per optimizer step, from ``start_step`` on.
 
-    It runs in ``after_backward``, where the engine guarantees complete, unscaled gradients, so
-    it is right with gradient accumulation, fp16 and any plugin order. The book clips from the
+    It runs in ``before_optimizer_step``, the hook for changing gradients: they are complete and
+    unscaled, and every ``after_backward`` reader has seen them unclipped, so it is right with
+    gradient accumulation, fp16 and any plugin order. The book clips from the
     first step after warmup: pass ``start_step="after_warmup"`` to clip from
     ``engine.state.warmup_steps``, whichever plugin published it (0 when nothing warms up), or
     an explicit step index.
@@ -45,7 +46,7 @@ class GradClip:
         self._params = [p for p in engine.model.parameters() if p.requires_grad]
 
     @hookimpl
-    def after_backward(self, engine: Engine) -> None:
+    def before_optimizer_step(self, engine: Engine) -> None:
         st = engine.state
         start = st.warmup_steps if self.start_step == "after_warmup" else self.start_step
         if st.step >= start:

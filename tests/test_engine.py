@@ -12,7 +12,7 @@ from conftest import gpt_loader
 
 
 def step_hooks(n: int) -> list[str]:
-    return ["before_step", "after_backward", "after_step", "on_save_point"] * n
+    return ["before_step", "after_backward", "before_optimizer_step", "after_step", "on_save_point"] * n
 
 
 def test_hook_order_for_two_epochs():
@@ -127,8 +127,8 @@ def test_should_stop_ends_the_run_after_the_current_step():
                 engine.state.should_stop = True
 
     run = drive(StopAtTwo(), epochs=3, steps_per_epoch=4)
-    assert run.hooks[-7:] == [
-        *["before_step", "after_backward", "after_step", "on_save_point"],
+    assert run.hooks[-8:] == [
+        *["before_step", "after_backward", "before_optimizer_step", "after_step", "on_save_point"],
         *["after_epoch", "on_save_point", "after_fit"],
     ]
     assert len(run.steps) == 3 and run.engine.state.step == 3

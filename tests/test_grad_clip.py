@@ -18,14 +18,36 @@ class NormSpy:
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
 
-def test_clips_from_start_step_and_records_the_pre_clip_norm():
-    # pluggy calls the last registered first: `before` sees raw gradients, `after` clipped ones
-    before, clip, after = NormSpy(), GradClip(max_norm=1e-3, start_step=2), NormSpy()
-    run = drive([("after", after), clip, ("before", before)], steps_per_epoch=5)
-    assert len(run.steps) == 5 and all(n > 1e-3 for n in before.norms)
-    assert after.norms[:2] == before.norms[:2]  # not clipped before start_step
-    assert after.norms[2:] == pytest.approx([1e-3] * 3, rel=1e-4)  # clip_grad_norm_ adds 1e-6 to the norm
-    assert float(clip.last_norm) == pytest.approx(before.norms[-1], rel=1e-6)
+class UpdateSpy:
+    """The gradient each update applied, read back from SGD's weight change (lr 1, no momentum)."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+        self.applied: list[float] = []
+
+    @hookimpl
+    def before_step(self, engine, batch):
+        self.weights = [p.detach().clone() for p in engine.model.parameters()]
+
+    @hookimpl
+    def after_step(self, engine, loss):
+        deltas = [(w - p.detach()).norm() for w, p in zip(self.weights, engine.model.parameters())]
+        self.applied.append(float(torch.linalg.vector_norm(torch.stack(deltas))))
+
+
+def test_readers_see_unclipped_gradients_and_the_update_uses_clipped_ones_in_every_order():
+    from itertools import permutations
+
+    for order in permutations(["before", "clip", "after"]):
+        spies = {"before": NormSpy(), "after": NormSpy()}
+        clip, update = GradClip(max_norm=1e-3, start_step=2), UpdateSpy()
+        plugins = {"clip": clip, **spies}
+        run = drive([(name, plugins[name]) for name in order] + [update], steps_per_epoch=5, lr=1.0)
+        assert len(run.steps) == 5 and all(n > 1e-3 for n in spies["before"].norms)
+        assert spies["after"].norms == spies["before"].norms  # every reader: as backward left them
+        assert float(clip.last_norm) == pytest.approx(spies["before"].norms[-1], rel=1e-6)  # grad_norm is pre-clip
+        assert update.applied[:2] == pytest.approx(spies["before"].norms[:2], rel=1e-5)  # not clipped yet
+        assert update.applied[2:] == pytest.approx([1e-3] * 3, rel=1e-3)  # clip_grad_norm_ adds 1e-6 to the norm
 
 
 def test_clipping_gives_the_same_update_whatever_the_registration_order():
@@ -70,7 +92,7 @@ def test_start_step_after_the_run_is_rejected():
 
 def clipped_steps(run) -> list[int]:
     """Steps whose grad_norm was published, read from the metrics channel as a consumer would."""
-    return [c.step for c in run.calls if c.hook == "after_backward" and c.published.get("grad_norm")]
+    return [c.step for c in run.calls if c.hook == "before_optimizer_step" and c.published.get("grad_norm")]
 
 
 def test_after_warmup_takes_the_start_from_the_published_warmup_in_either_order():

@@ -38,7 +38,7 @@ class ThirdPartyWarmup:
 
 
 def clipped_steps(run) -> list[int]:
-    return [c.step for c in run.calls if c.hook == "after_backward" and "grad_norm" in c.published]
+    return [c.step for c in run.calls if c.hook == "before_optimizer_step" and "grad_norm" in c.published]
 
 
 def schedule_run(warmup, order: int):

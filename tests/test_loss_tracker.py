@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from enginekit import hookimpl
 from enginekit.plugins import LossTracker, LRWarmup
 from enginekit.testing import drive
 
@@ -71,3 +72,32 @@ def test_state_round_trips():
 def test_invalid_settings(kwargs, match):
     with pytest.raises(ValueError, match=f"LossTracker: {match}"):
         LossTracker(**kwargs)
+
+
+class WrapperEvaluator:
+    """Reports from the code after its yield: when registered last it runs after LossTracker's."""
+
+    @hookimpl(wrapper=True)
+    def after_step(self, engine, loss):
+        result = yield
+        if engine.state.step in (0, 2):
+            engine.publish_evaluation({"late": 1.0})
+        return result
+
+
+class EpochEvaluator:
+    @hookimpl
+    def after_epoch(self, engine):
+        engine.publish_evaluation({"epoch_score": 2.0})
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_late_and_out_of_step_evaluations_merge_into_one_row_per_step(tmp_path, order):
+    tracker = LossTracker(eval_freq=5, out_dir=tmp_path)
+    drive([tracker, WrapperEvaluator(), EpochEvaluator()][::order], steps_per_epoch=6)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == tracker.records
+    assert [r["step"] for r in rows] == [0, 2, 5]  # own at 0 and 5; late at 0 and 2; the epoch's at 5
+    assert rows[0]["late"] == 1.0 and "train_loss" in rows[0]
+    assert rows[2]["epoch_score"] == 2.0 and "train_loss" in rows[2]
+    assert tracker.train_losses == [rows[0]["train_loss"], rows[2]["train_loss"]]

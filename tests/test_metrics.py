@@ -98,7 +98,7 @@ def test_the_engine_publishes_step_loss_and_lr_for_the_step_in_progress():
     assert [s[0] for s in spy.seen] == [s[1] for s in spy.seen] == [0, 1, 2, 3]
     assert [s[2] for s in spy.seen] == [0.5] * 4
     assert all(s[3] for s in spy.seen)  # the very tensor after_step receives: no copy, no sync
-    published = [(c.step, sorted(c.published)) for c in run.calls if c.hook == "after_backward"]
+    published = [(c.step, sorted(c.published)) for c in run.calls if c.hook == "before_optimizer_step"]
     assert published == [(0, []), (1, []), (2, ["grad_norm"]), (3, ["grad_norm"])]
     assert run.engine.metrics.step == 3  # outside a step: the last finished one
 

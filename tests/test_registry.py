@@ -203,10 +203,12 @@ def test_a_monitor_attached_mid_fit_sees_the_calls_from_then_on() -> None:
         ("on_save_point", 2),
         ("before_step", 2),
         ("after_backward", 2),
+        ("before_optimizer_step", 2),
         ("after_step", 2),
         ("on_save_point", 3),
         ("before_step", 3),
         ("after_backward", 3),
+        ("before_optimizer_step", 3),
         ("after_step", 3),
     ]
 

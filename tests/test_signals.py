@@ -39,7 +39,10 @@ def test_sigterm_finishes_the_step_then_raises_training_interrupted():
         engine.fit()
     assert info.value.code == 143 and info.value.exit_code == 143
     assert engine.state.step == 2  # step 1 finished
-    assert rec.hooks[-5:] == ["after_backward", "after_step", "on_save_point", "on_save_point", "on_exception"]
+    assert rec.hooks[-6:] == [
+        *["after_backward", "before_optimizer_step", "after_step"],
+        *["on_save_point", "on_save_point", "on_exception"],
+    ]
     assert [c.kwargs["reason"] for c in rec.calls[-3:-1]] == ["step", "signal"]
 
 

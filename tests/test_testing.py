@@ -22,7 +22,8 @@ def test_drives_a_toy_plugin_without_a_model():
     run = drive(Halving(), steps_per_epoch=4, lr=1.0)
     assert run.lrs == [1.0, 0.5, 0.25, 0.125]
     assert isinstance(run.engine.model, StandInModel)
-    assert [s.hooks for s in run.steps] == [["before_step", "after_backward", "after_step"]] * 4
+    step_hooks = ["before_step", "after_backward", "before_optimizer_step", "after_step"]
+    assert [s.hooks for s in run.steps] == [step_hooks] * 4
 
 
 def test_records_which_plugins_ran_for_each_hook_in_call_order():
