@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import sys
-from types import FrameType
 from collections.abc import Iterator, MutableMapping, Sequence
+from types import FrameType
 from typing import Any
 
 __all__ = ["LRScales", "plugin_on_stack"]
