@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 
-from enginekit.checks import check_number
-from enginekit.engine import Engine
-from enginekit.files import atomic_write
+from enginekit import Engine
 from enginekit.hookspec import hookimpl
+from enginekit.plugin_api import atomic_write, check_number
 
 MODES = ("min", "max")
 FORMAT = "enginekit-best-weights"

@@ -10,9 +10,8 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler as TorchLRScheduler
 from torch.optim.lr_scheduler import ReduceLROnPlateau as TorchReduceLROnPlateau
 
-from enginekit.engine import Engine
+from enginekit import Engine, TrainState
 from enginekit.hookspec import hookimpl
-from enginekit.state import TrainState
 
 ROLES = ("schedule", "modifier")
 #: torch warns when a scheduler steps before its optimizer ever did: true after a resume, and for

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from enginekit.checks import check_count, check_number
-from enginekit.engine import Engine
+from enginekit import Engine
 from enginekit.hookspec import hookimpl
+from enginekit.plugin_api import check_count, check_number
 
 MODES = ("min", "max")
 THRESHOLD_MODES = ("rel", "abs")

@@ -212,7 +212,7 @@ def test_plugin_value_error_stays_a_value_error():
 
     with pytest.raises(ValueError, match="setting x is wrong") as info:
         drive(Picky())
-    assert info.value.__notes__ == ["plugin 'picky' failed in hook 'before_fit' at step 0 (epoch 0)"]
+    assert info.value.__notes__ == ["plugin 'picky' failed in hook 'before_fit' at step 0 (epoch 1)"]
 
 
 def test_on_exception_sees_the_error_and_after_fit_does_not_fire():

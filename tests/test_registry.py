@@ -224,7 +224,7 @@ def test_a_hook_that_raises_names_the_plugin_and_the_step() -> None:
     with pytest.raises(ValueError) as info:
         engine.fit()
     assert str(info.value) == "bad gradients"
-    assert info.value.__notes__ == ["plugin 'bad' failed in hook 'after_backward' at step 2 (epoch 0)"]
+    assert info.value.__notes__ == ["plugin 'bad' failed in hook 'after_backward' at step 2 (epoch 1)"]
     failure = plugin_failure(info.value)
     assert (failure.plugin_name, failure.hook_name, failure.step, failure.epoch) == ("bad", "after_backward", 2, 0)
     assert type(info.value) is ValueError  # the plugin's own exception, not a generated subclass
@@ -246,8 +246,8 @@ def test_an_error_in_a_nested_hook_is_named_once_by_the_innermost_hook() -> None
     engine = make_engine([Reports(), Reacts()], steps_per_epoch=2)
     with pytest.raises(KeyError) as info:
         engine.fit()
-    assert info.value.__notes__ == ["plugin 'reacts' failed in hook 'after_evaluate' at step 0 (epoch 0)"]
+    assert info.value.__notes__ == ["plugin 'reacts' failed in hook 'after_evaluate' at step 0 (epoch 1)"]
     assert describe_error(info.value) == (
-        "plugin 'reacts' failed in hook 'after_evaluate' at step 0 (epoch 0): KeyError: 'val_los'"
+        "plugin 'reacts' failed in hook 'after_evaluate' at step 0 (epoch 1): KeyError: 'val_los'"
     )
     assert describe_error(ValueError("engine's own")) == "engine's own" and plugin_failure(ValueError()) is None
