@@ -148,3 +148,10 @@ def test_the_two_commands_are_the_makefiles_and_ci_runs_the_test_one():
     assert [line.split()[0] for line in recipe.splitlines()] == ["$(BIN)/ruff", "$(BIN)/mypy", "$(BIN)/python"]
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == "make test"
+
+
+def test_the_cli_page_names_every_flag_of_the_example():
+    example = (ROOT / "examples" / "pretrain_verdict.py").read_text()
+    flags = set(re.findall(r"add_argument\(\s*\"(--[a-z-]+)\"", example))
+    page = text_of(ROOT / "docs" / "cli.md")
+    assert len(flags) > 20 and sorted(f for f in flags if f"`{f}" not in page) == []
