@@ -358,3 +358,28 @@ def test_pretrain_verdict_init_errors_are_one_line_exit_2(tmp_path, capsys):
     assert example("pretrain_verdict").main(["--init", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --init: ") and "neither a path that exists" in err and "\n" not in err
+
+
+def test_the_docs_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
+    import re
+
+    text = (ROOT / "docs" / "pretrained.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)  # the example writes its folders where it runs
+    for code in blocks:
+        exec(compile(code, "docs/pretrained.md", "exec"), {})
+    assert (tmp_path / "tiny-gpt2-again" / "model.safetensors").exists()
+    assert "GPT-2 weights from local folder" in capsys.readouterr().out
+
+
+
+@pytest.mark.parametrize("name, flags", [("pretrain_verdict", ("--init", "--export", "--context-length")),
+                                         ("finetune_classifier", ("--init",))])  # fmt: skip
+def test_the_examples_help_explains_the_new_flags(name, flags, capsys):
+    with pytest.raises(SystemExit):
+        example(name).main(["--help"])
+    text = capsys.readouterr().out
+    for flag in flags:
+        assert flag in text
+    assert "gpt2-medium" in text or "hub name" in text
