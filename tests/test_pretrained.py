@@ -379,7 +379,7 @@ def test_the_docs_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
 def test_the_examples_help_explains_the_new_flags(name, flags, capsys):
     with pytest.raises(SystemExit):
         example(name).main(["--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for flag in flags:
         assert flag in text
     assert "gpt2-medium" in text or "hub name" in text
