@@ -147,37 +147,70 @@ def _folder_files(folder: Path) -> list[Path]:
 # Mapping
 
 
-def _strip_prefix(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # transformers saves GPT2LMHeadModel as transformer.*; OpenAI's hub files have bare names
-    return {k.removeprefix("transformer."): v for k, v in tensors.items()}
+class _Tensors:
+    """The tensors of a checkpoint (one or more safetensors files) under their bare GPT-2 names,
+    read one at a time: shapes come from the headers, and a tensor is read only when mapped."""
+
+    def __init__(self, files: list[Path]) -> None:
+        st = _safetensors()
+        self._where: dict[str, tuple[Any, str]] = {}
+        for file in files:
+            try:
+                handle = st.safe_open(str(file), framework="pt")
+            except Exception as exc:  # a truncated or foreign file: safetensors' own error, in one line
+                raise PretrainedFormatError(f"{file} is not a readable safetensors file: {exc}") from None
+            for name in handle.keys():
+                # transformers saves GPT2LMHeadModel as transformer.*; OpenAI's hub files have bare names
+                self._where[name.removeprefix("transformer.")] = (handle, name)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        handle, name = self._where[key]
+        return tuple(handle.get_slice(name).get_shape())
+
+    def load(self, key: str) -> torch.Tensor:
+        handle, name = self._where[key]
+        return handle.get_tensor(name)
 
 
-def _check(tensors: Mapping[str, torch.Tensor], key: str, shape: tuple[int, ...], where: str) -> torch.Tensor:
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 CPU tensor sharing no memory with it (nor with the file it came from)."""
+    out = t.detach().to("cpu", torch.float32).contiguous()
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
+
+
+def _check(tensors: _Tensors, key: str, shape: tuple[int, ...], where: str) -> torch.Tensor:
     if key not in tensors:
         raise PretrainedFormatError(f"{where} is not a GPT-2 checkpoint: tensor {key!r} is missing")
-    found = tuple(tensors[key].shape)
+    found = tensors.shape(key)
     if found != shape:
         raise PretrainedFormatError(
             f"{where} is not a GPT-2 checkpoint of this size: tensor {key!r} has shape {list(found)}, "
             f"expected {list(shape)}"
         )
-    if not tensors[key].is_floating_point():
-        raise PretrainedFormatError(f"{where}: tensor {key!r} is {tensors[key].dtype}, expected floating point")
-    return tensors[key]
+    tensor = tensors.load(key)
+    if not tensor.is_floating_point():
+        raise PretrainedFormatError(f"{where}: tensor {key!r} is {tensor.dtype}, expected floating point")
+    return tensor
 
 
-def _config_from(tensors: Mapping[str, torch.Tensor], hf: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+def _config_from(tensors: _Tensors, hf: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
     """The book-style config the checkpoint implies (everything but the head count comes from shapes)."""
     for key in ("wte.weight", "wpe.weight"):
         if key not in tensors:
             raise PretrainedFormatError(f"{where} is not a GPT-2 checkpoint: tensor {key!r} is missing")
-        if tensors[key].dim() != 2:
+        if len(tensors.shape(key)) != 2:
             raise PretrainedFormatError(
-                f"{where} is not a GPT-2 checkpoint: tensor {key!r} has shape {list(tensors[key].shape)}, expected 2-D"
+                f"{where} is not a GPT-2 checkpoint: tensor {key!r} has shape {list(tensors.shape(key))}, expected 2-D"
             )
-    vocab, width = tensors["wte.weight"].shape
-    positions = tensors["wpe.weight"].shape[0]
-    blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"h\.(\d+)\.", k))}
+    vocab, width = tensors.shape("wte.weight")
+    positions = tensors.shape("wpe.weight")[0]
+    blocks = {int(m.group(1)) for k in tensors.keys() if (m := re.match(r"h\.(\d+)\.", k))}
     n_layers = max(blocks) + 1 if blocks else 0
     if n_layers == 0:
         raise PretrainedFormatError(f"{where} is not a GPT-2 checkpoint: tensor 'h.0.ln_1.weight' is missing")
@@ -223,52 +256,48 @@ def _check_hf_config(hf: Mapping[str, Any], cfg: Mapping[str, Any], where: str) 
         )
 
 
-def _book_state_dict(tensors: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """GPT-2 tensors (bare names) -> the book's state-dict keys, checked in order so the first bad one is named."""
+def _book_state_dict(tensors: _Tensors, cfg: Mapping[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """GPT-2 tensors -> the book's state-dict keys, checked in order so the first bad one is named.
+
+    Each tensor is read, converted to storage of its own and dropped, one at a time: a load
+    peaks near one model's size plus a tensor, not a file's size plus a model's (gpt2-xl: 6 GB).
+    """
     e, v = cfg["emb_dim"], cfg["vocab_size"]
 
     def get(key: str, *shape: int) -> torch.Tensor:
         return _check(tensors, key, shape, where)
 
     out: dict[str, torch.Tensor] = {
-        "tok_emb.weight": get("wte.weight", v, e),
-        "pos_emb.weight": get("wpe.weight", cfg["context_length"], e),
+        "tok_emb.weight": _own(get("wte.weight", v, e)),
+        "pos_emb.weight": _own(get("wpe.weight", cfg["context_length"], e)),
     }
     for i in range(cfg["n_layers"]):
         h, b = f"h.{i}.", f"trf_blocks.{i}."
-        out[b + "norm1.scale"] = get(h + "ln_1.weight", e)
-        out[b + "norm1.shift"] = get(h + "ln_1.bias", e)
+        out[b + "norm1.scale"] = _own(get(h + "ln_1.weight", e))
+        out[b + "norm1.shift"] = _own(get(h + "ln_1.bias", e))
         # Conv1D keeps weights as in x out: split the fused projection along its outputs, then transpose
         q, k, val = torch.split(get(h + "attn.c_attn.weight", e, 3 * e), e, dim=1)
         qb, kb, vb = torch.split(get(h + "attn.c_attn.bias", 3 * e), e, dim=0)
-        out[b + "att.W_query.weight"], out[b + "att.W_query.bias"] = q.T, qb
-        out[b + "att.W_key.weight"], out[b + "att.W_key.bias"] = k.T, kb
-        out[b + "att.W_value.weight"], out[b + "att.W_value.bias"] = val.T, vb
-        out[b + "att.out_proj.weight"] = get(h + "attn.c_proj.weight", e, e).T
-        out[b + "att.out_proj.bias"] = get(h + "attn.c_proj.bias", e)
-        out[b + "norm2.scale"] = get(h + "ln_2.weight", e)
-        out[b + "norm2.shift"] = get(h + "ln_2.bias", e)
-        out[b + "ff.layers.0.weight"] = get(h + "mlp.c_fc.weight", e, 4 * e).T
-        out[b + "ff.layers.0.bias"] = get(h + "mlp.c_fc.bias", 4 * e)
-        out[b + "ff.layers.2.weight"] = get(h + "mlp.c_proj.weight", 4 * e, e).T
-        out[b + "ff.layers.2.bias"] = get(h + "mlp.c_proj.bias", e)
-    out["final_norm.scale"] = get("ln_f.weight", e)
-    out["final_norm.shift"] = get("ln_f.bias", e)
-    # GPT-2 ties the head to the token embedding (no lm_head in the file); an untied save has its own
-    head = "lm_head.weight" if "lm_head.weight" in tensors else "wte.weight"
-    out["out_head.weight"] = get(head, v, e)
+        out[b + "att.W_query.weight"], out[b + "att.W_query.bias"] = _own(q.T), _own(qb)
+        out[b + "att.W_key.weight"], out[b + "att.W_key.bias"] = _own(k.T), _own(kb)
+        out[b + "att.W_value.weight"], out[b + "att.W_value.bias"] = _own(val.T), _own(vb)
+        out[b + "att.out_proj.weight"] = _own(get(h + "attn.c_proj.weight", e, e).T)
+        out[b + "att.out_proj.bias"] = _own(get(h + "attn.c_proj.bias", e))
+        out[b + "norm2.scale"] = _own(get(h + "ln_2.weight", e))
+        out[b + "norm2.shift"] = _own(get(h + "ln_2.bias", e))
+        out[b + "ff.layers.0.weight"] = _own(get(h + "mlp.c_fc.weight", e, 4 * e).T)
+        out[b + "ff.layers.0.bias"] = _own(get(h + "mlp.c_fc.bias", 4 * e))
+        out[b + "ff.layers.2.weight"] = _own(get(h + "mlp.c_proj.weight", 4 * e, e).T)
+        out[b + "ff.layers.2.bias"] = _own(get(h + "mlp.c_proj.bias", e))
+    out["final_norm.scale"] = _own(get("ln_f.weight", e))
+    out["final_norm.shift"] = _own(get("ln_f.bias", e))
+    # GPT-2 ties the head to the token embedding (no lm_head in the file); an untied save has its own.
+    # Either way the head gets storage of its own: training the book's model unties them.
+    if "lm_head.weight" in tensors:
+        out["out_head.weight"] = _own(get("lm_head.weight", v, e))
+    else:
+        out["out_head.weight"] = out["tok_emb.weight"].clone()
     return out
-
-
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    st = _safetensors()
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            tensors.update(st.load_file(str(file)))
-        except Exception as exc:  # a truncated or foreign file: safetensors' own error, in one line
-            raise PretrainedFormatError(f"{file} is not a readable safetensors file: {exc}") from None
-    return tensors
 
 
 def load_pretrained(
@@ -301,7 +330,7 @@ def load_pretrained(
     """
     files, config_file, origin = _resolve(source)
     where = str(files[0]) if len(files) == 1 else str(files[0].parent)
-    tensors = _strip_prefix(_read_tensors(files))
+    tensors = _Tensors(files)
     hf = json.loads(config_file.read_text()) if config_file is not None else None
     cfg = _config_from(tensors, hf, where)
     assumed = ""
@@ -322,7 +351,7 @@ def load_pretrained(
         cfg["drop_rate"] = drop_rate
     if context_length is not None:
         _check_context(context_length, cfg["context_length"])
-        state["pos_emb.weight"] = state["pos_emb.weight"][:context_length]
+        state["pos_emb.weight"] = state["pos_emb.weight"][:context_length].clone()
         cfg["context_length"] = context_length
     model = _build(normalize_config(cfg), state)
     cfg = dict(model.cfg)
@@ -339,20 +368,16 @@ def _check_context(context_length: int, positions: int) -> None:
         raise ValueError(f"context_length={context_length!r}: the model has {positions} positions; pass 1..{positions}")
 
 
-def _build(cfg: dict[str, Any], state: Mapping[str, torch.Tensor]) -> GPTModel:
+def _build(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> GPTModel:
+    """A GPTModel that takes ``state``'s tensors as its parameters (no copy: they must be its own)."""
     # Built on the meta device: no random init to throw away (seconds for gpt2-xl), no RNG drawn
     with torch.device("meta"):
         model = GPTModel(cfg)
     n = cfg["context_length"]
-    full = {k: v for k, v in state.items() if not k.endswith(".att.mask")}
+    state = {k: t for k, t in state.items() if not k.endswith(".att.mask")}
     for i in range(cfg["n_layers"]):
-        full[f"trf_blocks.{i}.att.mask"] = torch.triu(torch.ones(n, n), diagonal=1)
-    # own storage per tensor: the head must not alias the embedding, views of c_attn must not pin it
-    model.load_state_dict(
-        {k: t.detach().to("cpu", torch.float32, copy=True).contiguous() for k, t in full.items()},
-        strict=True,
-        assign=True,
-    )
+        state[f"trf_blocks.{i}.att.mask"] = torch.triu(torch.ones(n, n), diagonal=1)
+    model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
@@ -363,8 +388,8 @@ def crop_context(model: GPTModel, context_length: int) -> GPTModel:
     positions it drops. The book's GPT-2 runs use 1024; appendix D's data needs 256.
     """
     _check_context(context_length, model.context_length)
-    state = dict(model.state_dict())
-    state["pos_emb.weight"] = state["pos_emb.weight"][:context_length]
+    state = {k: _own(t) for k, t in model.state_dict().items() if not k.endswith(".att.mask")}
+    state["pos_emb.weight"] = state["pos_emb.weight"][:context_length].clone()
     return _build({**model.cfg, "context_length": context_length}, state)
 
 
