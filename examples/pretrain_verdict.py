@@ -315,7 +315,7 @@ def train(args: argparse.Namespace) -> int:
         return 2
     torch.manual_seed(args.seed)
     pretrained = None
-    if args.init is not None:  # GPT-2's weights (built without drawing from the RNG: the data order stays the seed's)
+    if args.init is not None:  # GPT-2's weights; loading draws nothing from the RNG
         try:
             pretrained, cfg = load_pretrained(args.init, log=print if main_process else None)
             context = args.context_length or min(cfg["context_length"], 256)
