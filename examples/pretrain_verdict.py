@@ -382,7 +382,11 @@ def train(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "model.pt", lambda f: torch.save(model.state_dict(), f))
         if args.export is not None:
-            engine.print(f"Hugging Face GPT-2 folder in {save_pretrained(model, args.export)}")
+            try:
+                engine.print(f"Hugging Face GPT-2 folder in {save_pretrained(model, args.export)}")
+            except (OSError, ImportError) as exc:  # the weights are safe in model.pt; say so
+                print(f"error: --export {args.export}: {exc}; weights in {args.out / 'model.pt'}", file=sys.stderr)
+                return 1
         engine.print(
             f"done: {state.step} steps, {state.tokens_seen:,} tokens in {elapsed:.1f} s; "
             f"weights in {args.out / 'model.pt'}"
