@@ -383,3 +383,15 @@ def test_the_examples_help_explains_the_new_flags(name, flags, capsys):
     for flag in flags:
         assert flag in text
     assert "gpt2-medium" in text or "hub name" in text
+
+
+def test_pretrain_verdict_export_that_cannot_be_written_keeps_model_pt(tmp_path, hf_folder, capsys):
+    _, folder = hf_folder
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    argv = ["--init", str(folder), "--max-steps", "1", "--no-warmup", "--no-sample", "--no-eval"]
+    assert example("pretrain_verdict").main([*argv, "--out", str(tmp_path / "run"), "--export", str(blocked)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --export {blocked}: ")
+    assert err.endswith(f"weights in {tmp_path / 'run' / 'model.pt'}")
+    assert (tmp_path / "run" / "model.pt").exists() and blocked.read_text() == "not a folder"
