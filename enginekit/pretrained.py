@@ -88,12 +88,13 @@ def _hub_download(repo_id: str, name: str) -> tuple[Path, Path | None]:
     try:
         config = Path(hf_hub_download(repo_id, _CONFIG))
         weights = Path(hf_hub_download(repo_id, _WEIGHTS))
-    except Exception as exc:  # offline, DNS, proxy, HTTP 5xx: huggingface_hub raises many kinds
+    except Exception as exc:  # offline, DNS, proxy, HTTP 5xx, a missing repository: huggingface_hub raises many kinds
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise OSError(
-            f"could not download {name!r} ({repo_id}) from the Hugging Face hub "
-            f"({type(exc).__name__}; offline?): download it on a machine with network "
-            f"(`hf download {repo_id} {_WEIGHTS} {_CONFIG} --local-dir {name}`), copy the folder "
-            "here and pass its path"
+            f"could not download {name!r} ({repo_id}) from the Hugging Face hub ({type(exc).__name__}: {reason}); "
+            f"offline? download it on a machine with network "
+            f"(`hf download {repo_id} {_WEIGHTS} {_CONFIG} --local-dir {name.replace('/', '--')}`), copy the "
+            "folder here and pass its path"
         ) from None
     return weights, config
 
