@@ -18,18 +18,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:  # at run time they come through __getattr__ below, on first use
+    from .pretrained import crop_context, load_pretrained, save_pretrained
+
 __all__ = [
     "GPT_CONFIG_124M",
     "GPT_CONFIG_TINY",
     "GPTModel",
+    "crop_context",
     "generate",
+    "load_pretrained",
     "normalize_config",
+    "save_pretrained",
     "text_to_token_ids",
     "token_ids_to_text",
 ]
@@ -246,6 +252,16 @@ def generate(
 def text_to_token_ids(text: str, tokenizer: Any) -> torch.Tensor:
     """Encode ``text`` to a 1 x n tensor of ids (``<|endoftext|>`` allowed)."""
     return torch.tensor(tokenizer.encode(text, allowed_special={"<|endoftext|>"})).unsqueeze(0)
+
+
+def __getattr__(name: str) -> Any:
+    # GPT-2 weights in and out live in enginekit.pretrained, imported on first use so that
+    # `import enginekit.gpt` stays free of it (and of the optional safetensors it needs)
+    if name in ("crop_context", "load_pretrained", "save_pretrained"):
+        from . import pretrained
+
+        return getattr(pretrained, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def token_ids_to_text(token_ids: torch.Tensor, tokenizer: Any) -> str:

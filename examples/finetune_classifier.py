@@ -10,6 +10,11 @@ losses and EarlyStopping can watch it.
 
     python examples/finetune_classifier.py                     # a few seconds on a CPU
     python examples/finetune_classifier.py --epochs 6 --out runs/classifier
+    python examples/finetune_classifier.py --init gpt2         # chapter 6: from GPT-2's weights
+
+With ``--init`` (a Hugging Face GPT-2 folder, its model.safetensors, or a hub name) the model is
+GPT-2 with the book's chapter-6 choices: dropout 0, the head replaced by a 2-class layer, and
+only the last transformer block, the final norm and the new head trained (the rest frozen).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from enginekit import Engine, hookimpl
 from enginekit.data import gpt2_tokenizer
-from enginekit.gpt import GPT_CONFIG_TINY, GPTModel
+from enginekit.gpt import GPT_CONFIG_TINY, GPTModel, load_pretrained
 from enginekit.plugins import Checkpoint, CosineDecay, EarlyStopping, GradClip, LossTracker, LRWarmup
 
 SPAM = (
@@ -112,6 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/classifier"))
     p.add_argument("--overwrite", action="store_true", help="start over in a folder that holds checkpoints")
+    p.add_argument("--init", metavar="PATH_OR_NAME", help="start from GPT-2 weights (folder, .safetensors, hub name)")
     return p.parse_args(argv)
 
 
@@ -121,8 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     data = messages(240, args.seed)
     train_loader = loader(data[:200], args.batch_size, shuffle=True)
     val_loader = loader(data[200:], args.batch_size, shuffle=False)
-    model = GPTModel(GPT_CONFIG_TINY)
-    model.out_head = torch.nn.Linear(GPT_CONFIG_TINY["emb_dim"], 2)  # as the book does for 2 classes
+    if args.init is None:
+        model, cfg = GPTModel(GPT_CONFIG_TINY), GPT_CONFIG_TINY
+    else:
+        try:
+            model, cfg = load_pretrained(args.init, drop_rate=0.0)
+        except (OSError, ValueError, ImportError) as exc:
+            print(f"error: --init: {exc}", file=sys.stderr)
+            return 2
+        model.requires_grad_(False)  # the book's chapter 6 trains the last block, the final norm and the head
+        model.trf_blocks[-1].requires_grad_(True)
+        model.final_norm.requires_grad_(True)
+    model.out_head = torch.nn.Linear(cfg["emb_dim"], 2)  # as the book does for 2 classes
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     engine = Engine(
         model,

@@ -8,6 +8,7 @@ batch, a greedy sample after each epoch, a checkpoint after each epoch.
     python examples/pretrain_verdict.py                      # the book's run (2-core CPU: ~11 min)
     python examples/pretrain_verdict.py --model tiny --epochs 2 --out runs/tiny
     python examples/pretrain_verdict.py --resume             # continue after an interruption
+    python examples/pretrain_verdict.py --init gpt2 --export runs/verdict/hf   # from GPT-2's weights, out to HF
     torchrun --standalone --nproc_per_node=2 examples/pretrain_verdict.py --model tiny
 
 Exit status: 0 done; 1 a training error (bad setting found at fit time, plugin failure,
@@ -31,7 +32,7 @@ import torch
 
 from enginekit import Engine, NonFiniteLossError, TrainingInterrupted, describe_error, plugin_failure
 from enginekit.data import verdict_loaders
-from enginekit.gpt import GPT_CONFIG_124M, GPT_CONFIG_TINY, GPTModel
+from enginekit.gpt import GPT_CONFIG_124M, GPT_CONFIG_TINY, GPTModel, crop_context, load_pretrained, save_pretrained
 from enginekit.plugin_api import FolderBusyError, atomic_write, lock_folder, lr_preview, plugin_settings, unlock_folder
 from enginekit.plugins import (
     Checkpoint,
@@ -112,6 +113,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--model", choices=sorted(CONFIGS), default="124M", help="124M: the book's model; tiny: trains in seconds"
     )
+    g.add_argument(
+        "--init",
+        metavar="PATH_OR_NAME",
+        default=None,
+        help="start from GPT-2 weights: a Hugging Face GPT-2 folder, its model.safetensors, or a hub name "
+        "(gpt2, gpt2-medium, gpt2-large, gpt2-xl); the model's size comes from the checkpoint, not --model",
+    )
+    g.add_argument(
+        "--context-length",
+        type=count(),
+        default=None,
+        help="tokens per training window (default: the --model's; with --init the checkpoint's, at most 256: "
+        "the story's validation part holds about 500 tokens, too few for GPT-2's 1024)",
+    )
+    g.add_argument("--export", type=Path, default=None, help="at the end, also write a Hugging Face GPT-2 folder here")
     g.add_argument("--epochs", type=count(), default=15, help="passes over the training text")
     g.add_argument("--max-steps", type=count(), default=None, help="stop after this many optimizer steps")
     g.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
@@ -298,12 +314,25 @@ def train(args: argparse.Namespace) -> int:
         print("error: --resume needs checkpoints; drop --no-checkpoint", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
+    pretrained = None
+    if args.init is not None:  # GPT-2's weights; loading draws nothing from the RNG
+        try:
+            pretrained, cfg = load_pretrained(args.init, log=print if main_process else None)
+            context = args.context_length or min(cfg["context_length"], 256)
+            if context != cfg["context_length"]:
+                pretrained = crop_context(pretrained, context)
+                cfg = pretrained.cfg
+        except (OSError, ValueError, ImportError) as exc:
+            print(f"error: --init: {exc}", file=sys.stderr)
+            return 2
+    elif args.context_length is not None:
+        cfg = {**cfg, "context_length": args.context_length}
     try:
         train_loader, val_loader = verdict_loaders(batch_size=args.batch_size, context_length=cfg["context_length"])
         steps_per_epoch = -(-len(train_loader) // args.grad_accum)
         if args.plot_lr:
             return plot_schedule(args, steps_per_epoch)
-        model = GPTModel(cfg)
+        model = GPTModel(cfg) if pretrained is None else pretrained
         device = args.device  # resolved and checked by parse_args
         # fused AdamW: one kernel for all parameters on CUDA; the default elsewhere
         fused = True if device.type == "cuda" else None
@@ -326,7 +355,8 @@ def train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     n_params = sum(p.numel() for p in model.parameters())
-    engine.print(f"GPT {args.model}: {n_params:,} parameters on {engine.device}, {args.precision}")
+    what = f"GPT {args.model}" if args.init is None else f"GPT from {args.init} (context {cfg['context_length']})"
+    engine.print(f"{what}: {n_params:,} parameters on {engine.device}, {args.precision}")
     engine.print("plugins:")
     for name, plugin in engine.plugins.items():
         settings = ", ".join(f"{k}={v!r}" for k, v in plugin_settings(plugin).items())
@@ -353,6 +383,12 @@ def train(args: argparse.Namespace) -> int:
     if main_process:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "model.pt", lambda f: torch.save(model.state_dict(), f))
+        if args.export is not None:
+            try:
+                engine.print(f"Hugging Face GPT-2 folder in {save_pretrained(model, args.export)}")
+            except (OSError, ImportError) as exc:  # the weights are safe in model.pt; say so
+                print(f"error: --export {args.export}: {exc}; weights in {args.out / 'model.pt'}", file=sys.stderr)
+                return 1
         engine.print(
             f"done: {state.step} steps, {state.tokens_seen:,} tokens in {elapsed:.1f} s; "
             f"weights in {args.out / 'model.pt'}"
