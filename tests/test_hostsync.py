@@ -75,3 +75,33 @@ def test_sync_every_needs_the_error_policy_and_a_positive_count():
         make_engine(sync_every=0)
     assert HostSync(None, torch.device("cuda"), "error").every == 16  # only a device object: no GPU needed
     assert HostSync(None, torch.device("cuda"), "skip").every == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (benchmarks/gpu_checks.sh runs it)")
+def test_a_cuda_step_waits_for_the_device_only_at_the_reads(tiny_cfg):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from enginekit import Engine, hookimpl
+    from enginekit.gpt import GPTModel
+    from enginekit.plugins import GradClip
+
+    class NoSyncInsideSteps:  # torch raises on any host wait between before_step and after_step
+        @hookimpl
+        def before_step(self, engine, batch):
+            if engine.state.step >= 2:  # the first steps set up cuBLAS and the allocator
+                torch.cuda.set_sync_debug_mode("error")
+
+        @hookimpl(trylast=True)
+        def after_step(self, engine, loss):
+            torch.cuda.set_sync_debug_mode("default")
+
+    data = torch.randint(0, tiny_cfg["vocab_size"], (64, tiny_cfg["context_length"] + 1))
+    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=2, pin_memory=True)
+    model = GPTModel(tiny_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    engine = Engine(model, opt, loader, plugins=[GradClip(1.0), NoSyncInsideSteps()], device="cuda", precision="bf16")
+    try:
+        engine.fit()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert engine.state.step == 32 and engine._sync.every == 16 and engine._sync.reads == 2
