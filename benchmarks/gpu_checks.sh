@@ -7,7 +7,9 @@
 #
 # 1. the device-parametrized tests on CUDA (fp16 with its GradScaler, an fp16 overflow step,
 #    bf16 autocast, background checkpoints copied from the GPU, a bit-exact resume);
-# 2. throughput and MFU of the 124M model: bf16, bf16 with torch.compile, fp16, fp32;
+# 2. no host sync inside a CUDA step (torch.cuda.set_sync_debug_mode("error")), then throughput and
+#    MFU of the 124M model: bf16, bf16 with torch.compile, compile + the fast preset (target there:
+#    45% MFU at context 1024), fp16, fp32;
 # 3. the main job's checkpoint cost on the GPU (4 epochs, one round of none/sync/async), and
 #    the CPU and wall time of one write past the page cache and through it.
 # Each step has its own time limit, so one that hangs cannot eat the others' time.
@@ -34,8 +36,10 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 python3 -m pip install --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 ||
     { tail -n 20 "$out/install.log"; exit 1; }
 step tests 150 python3 -m pytest -q -p no:cacheprovider -k "cuda or direct or page_cache" tests/test_engine.py tests/test_precision.py tests/test_checkpoint.py
+step no-sync 90 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_hostsync.py tests/test_compiling.py tests/test_fast.py
 step throughput-bf16 120 python3 benchmarks/throughput.py
 step throughput-bf16-compile 180 python3 benchmarks/throughput.py --compile
+step throughput-fast 180 python3 benchmarks/throughput.py --compile --fast
 step throughput-fp32 120 python3 benchmarks/throughput.py --precision fp32
 step throughput-fp16 120 python3 benchmarks/throughput.py --precision fp16
 step checkpoint-cost 150 python3 benchmarks/checkpoint_cost.py --epochs 4 --rounds 1

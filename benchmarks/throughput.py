@@ -5,6 +5,7 @@ it), and runs on the CPU too as a smoke test:
 
     python benchmarks/throughput.py                         # CUDA: 124M, context 1024, bf16
     python benchmarks/throughput.py --compile               # the same with torch.compile
+    python benchmarks/throughput.py --compile --fast        # and the fast preset (fused AdamW, TF32, padded head)
     python benchmarks/throughput.py --device cpu --context 128 --batch-size 1 --steps 3   # smoke
 
 Model FLOPs per token follow the usual accounting for a decoder: 6 x the parameters that take
@@ -25,6 +26,7 @@ import torch
 from _common import CONFIGS, machine
 
 from enginekit import Engine, hookimpl
+from enginekit.fast import allow_tf32
 from enginekit.gpt import GPTModel
 
 
@@ -63,6 +65,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=30, help="timed steps (after 5 warm-up steps)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--fast", action="store_true", help="fused AdamW, TF32, output head padded to a multiple of 64")
     p.add_argument("--matmul-size", type=int, default=None, help="default 8192 on CUDA, 1024 on CPU")
     args = p.parse_args()
     device = Engine.pick_device(args.device)
@@ -71,8 +74,10 @@ def main() -> None:
     peak = matmul_rate(device, dtype, args.matmul_size or (8192 if device.type == "cuda" else 1024))
 
     torch.manual_seed(0)
-    model = GPTModel(cfg)
-    fused = True if device.type == "cuda" else None
+    model = GPTModel({**cfg, "vocab_padding_multiple": 64} if args.fast else cfg)
+    if args.fast:
+        allow_tf32()
+    fused = True if device.type == "cuda" or args.fast else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
     warmup = 5
     n = warmup + args.steps
@@ -89,12 +94,13 @@ def main() -> None:
                 stamps.append(time.perf_counter())
 
     engine = Engine(
-        torch.compile(model) if args.compile else model,
+        model,
         optimizer,
         loader,
         plugins=[Clock()],
         device=device,
         precision=args.precision,
+        compile=args.compile,
     )
     engine.fit(max_steps=n)
     sync(device)
@@ -107,7 +113,8 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
     )
     print(
-        f"124M, context {args.context}, batch {args.batch_size}, {args.precision}, compile={args.compile}: "
+        f"124M, context {args.context}, batch {args.batch_size}, {args.precision}, "
+        f"compile={args.compile}, fast={args.fast}: "
         f"{step_s * 1e3:.1f} ms/step (median of {args.steps}), {tok_s:,.0f} tokens/s"
     )
     print(

@@ -19,9 +19,11 @@ from torch import nn
 
 from .batches import count_tokens, default_forward, to_device
 from .checks import check_count, check_number
+from .compiling import CompiledModules, compile_options
 from .distributed import Distributed, resolve_device, set_sampler_epoch
 from .errors import NonFiniteLossError, TrainingInterrupted
 from .evaluation import mean_loss
+from .hostsync import HostSync
 from .log import get_logger
 from .metrics import Metrics
 from .nonfinite import NonFinitePolicy
@@ -72,9 +74,16 @@ class Engine:
         nonfinite: ``"error"`` (raise :class:`NonFiniteLossError` before the update) or
             ``"skip"`` (drop the step's update and try the next batch for the same step).
         max_skips: with ``"skip"``, consecutive skipped steps tolerated before raising.
+        sync_every: read the loss's finiteness (and, under torchrun, agree on stopping) on the
+            host every N steps instead of every step, so CUDA never waits for the device within
+            a step; ``None``: 16 on CUDA with ``nonfinite="error"``, 1 otherwise. What a larger
+            N changes in the guarantees is in :mod:`enginekit.hostsync`.
         autoload_plugins: also register every installed third-party plugin (entry-point group
             ``enginekit``) not already registered under its name. Off by default: a run only
             runs the plugins it names.
+        compile: ``True`` or a dict of ``torch.compile`` arguments (``{"mode": "max-autotune"}``)
+            to run training and evaluation forwards through a compiled model; ``engine.model``
+            stays the plain module (see :mod:`enginekit.compiling` for what recompiles when).
 
     What plugins use: ``state`` (:class:`TrainState`, counters and plan facts), ``metrics``
     (:class:`~enginekit.metrics.Metrics`, the metrics channel), ``lr_scales``
@@ -100,14 +109,20 @@ class Engine:
         nonfinite: str = "error",
         max_skips: int = 10,
         autoload_plugins: bool = False,
+        compile: bool | dict[str, Any] = False,
+        sync_every: int | None = None,
     ) -> None:
         check_count("", "grad_accum_steps", grad_accum_steps)
+        options = compile_options(compile)
+        self._compiled = CompiledModules(options, self.print) if options is not None else None
         self._nonfinite = NonFinitePolicy(nonfinite, max_skips)
         self.state = TrainState()
         self.metrics = Metrics()
         #: lr modifiers' factors by owner name: schedules set the base lr, these scale it (see LRScales)
         self.lr_scales = LRScales()
         self.device = resolve_device(device)
+        self._sync = HostSync(sync_every, self.device, nonfinite)
+        self._held_stop = False  # under torchrun with sync_every > 1: a stop waiting for the next read
         self._precision = Precision(precision, self.device)
         self.precision, self.scaler = precision, self._precision.scaler
         self.grad_accum_steps = grad_accum_steps
@@ -216,13 +231,16 @@ class Engine:
             st.batches_in_epoch += len(micro_batches)
             if not self._train_step(micro_batches):
                 continue  # skipped for a non-finite loss: the same step again with the next batch
-            if self._dist.active:  # before the save point: every rank must decide to save alike
-                self._signals.received, st.should_stop = self._dist.agree_on_stop(
-                    self._signals.received, st.should_stop
-                )
+            read_now = self._sync.due(st.step)  # every step unless sync_every > 1
+            if read_now:  # before the save point: every rank must decide to save alike
+                self._read_device()
+            elif self._dist.active:  # ranks leave the loop together, at the next read
+                self._held_stop, st.should_stop = self._held_stop or st.should_stop, False
             self._emit("on_save_point", reason="step")
-            if self._signals.received is not None:
+            if self._signals.received is not None and (read_now or not self._dist.active):
                 self._stop_if_signalled()
+        if self._sync.deferred:  # the epoch's last steps are read before anything reports on them
+            self._read_device()
         self._emit("after_epoch")
         if exhausted or st.batches_in_epoch >= len(self.train_loader):  # type: ignore[arg-type]
             st.epoch += 1
@@ -230,6 +248,24 @@ class Engine:
         else:  # cut short (max_steps, should_stop): a later fit continues this epoch's data order
             self._position.cut_short(st.batches_in_epoch)
         self._emit("on_save_point", reason="epoch")
+
+    def _read_device(self) -> None:
+        """The host reads what the device kept: the deferred finite check, then (torchrun) the stop agreement."""
+        st = self.state
+        self._sync.check(st.step)
+        if self._dist.active:
+            self._signals.received, st.should_stop = self._dist.agree_on_stop(
+                self._signals.received, st.should_stop or self._held_stop
+            )
+            self._held_stop = False
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss not yet read on the host was not finite.
+
+        Free unless ``sync_every > 1``; a plugin that writes the training state out (a
+        checkpoint) calls it first, so nothing trained on a non-finite loss is ever persisted.
+        """
+        self._sync.check(self.state.step)
 
     def _stop_if_signalled(self) -> None:
         """After SIGINT/SIGTERM: a save point (a checkpoint of the last finished step if it lacks one), then stop."""
@@ -256,13 +292,19 @@ class Engine:
         st, opt, metrics = self.state, self.optimizer, self.metrics
         # 1. forward + backward per micro-batch; the loss is averaged so gradients equal the big batch's
         loss, tokens = self._forward_backward(micro_batches)
+        if self._compiled is not None and self._compiled.first_step_pending:
+            self._compiled.first_step_pending = False
+            self.print("torch.compile: compiled; training goes on")
         if self._dist.active:  # every rank then logs, and judges finiteness on, the same number
             loss = self._dist.mean(loss)
         # 2. unscale fp16 gradients so after_backward sees true magnitudes
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        # 3. a non-finite loss never reaches the weights (the step's one host read; free on CPU)
-        if not math.isfinite(loss.item()):
+        # 3. a non-finite loss never reaches the weights (the step's one host read; free on CPU);
+        #    with sync_every > 1 the device keeps the check and the host reads it every N steps
+        if self._sync.deferred:
+            self._sync.note(loss)
+        elif not math.isfinite(loss.item()):
             self._nonfinite.skip_or_raise(loss, st, opt, self.scaler, self.print)
             return False
         st.skipped_steps = 0
@@ -310,11 +352,19 @@ class Engine:
 
     def _backward(self, batch: Any, n: int) -> torch.Tensor:
         """One micro-batch: forward and loss (under autocast in bf16/fp16), averaged over ``n``, backward."""
-        loss = self._forward_loss(self._dist.ddp or self.model, batch)
+        loss = self._forward_loss(self._training_module(), batch)
         if n > 1:
             loss = loss / n
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss
+
+    def _training_module(self) -> nn.Module:
+        module = self._dist.ddp or self.model
+        return module if self._compiled is None else self._compiled.of(module)
+
+    def eval_module(self) -> nn.Module:
+        """What evaluation runs: ``engine.model``, or its compiled wrapper with ``compile=``."""
+        return self.model if self._compiled is None else self._compiled.of(self.model)
 
     def _loss_of(self, model: nn.Module, batch: Any) -> torch.Tensor:
         outputs, targets = self.forward_fn(model, batch)

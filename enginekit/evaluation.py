@@ -19,7 +19,8 @@ def mean_loss(engine: Engine, loader: Iterable[Any], max_batches: int | None = N
     """Mean of the engine's loss over the first ``max_batches`` batches of ``loader`` (all when
     None), through its ``forward_fn`` and precision, in eval mode without gradients; per-batch
     losses summed as Python floats; NaN for an empty loader."""
-    model = engine.model
+    model = engine.model  # train/eval mode is the plain module's; a compiled wrapper follows it
+    forward_model = engine.eval_module()
     n_total = len(loader)  # type: ignore[arg-type]
     n = n_total if max_batches is None else min(max_batches, n_total)
     was_training = model.training
@@ -31,7 +32,7 @@ def mean_loss(engine: Engine, loader: Iterable[Any], max_batches: int | None = N
                 if i >= n:
                     break
                 with engine._precision.autocast():
-                    outputs, targets = engine.forward_fn(model, to_device(batch, engine.device))
+                    outputs, targets = engine.forward_fn(forward_model, to_device(batch, engine.device))
                     total += engine.loss_fn(outputs, targets).item()
     finally:
         model.train(was_training)

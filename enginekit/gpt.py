@@ -9,6 +9,12 @@ Compatibility with the book is a contract, not a resemblance:
 * layers are created in the book's order, so one seed gives the book's initial weights;
 * no weight tying: 163,009,536 parameters at context 1024, 162,419,712 at 256.
 
+One opt-in departure, for speed: the config key ``vocab_padding_multiple`` (say 64) gives the
+output head rows up to the next multiple, so its matmul has an aligned width (50,304 instead of
+50,257); the logits of the padding ids are set to ``-inf``, so losses and generated text equal
+the unpadded model's and the padding rows never get a gradient. Such a model's
+``out_head.weight`` has the padded shape (:func:`unpadded_state_dict` gives the book's).
+
 Attention runs through ``scaled_dot_product_attention`` (fused kernels on GPU, fewer
 temporaries on CPU); in eval mode it equals the book's explicit masked-softmax math to float
 tolerance. Layer norm and GELU use the fused functional forms of the book's formulas.
@@ -35,7 +41,10 @@ __all__ = [
     "generate",
     "load_pretrained",
     "normalize_config",
+    "pad_output_head",
+    "padded_vocab_size",
     "save_pretrained",
+    "unpadded_state_dict",
     "text_to_token_ids",
     "token_ids_to_text",
 ]
@@ -95,7 +104,42 @@ def normalize_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         )
     if not 0.0 <= float(out["drop_rate"]) < 1.0:
         raise ValueError(f"GPT config key 'drop_rate' must be in [0, 1), got {out['drop_rate']!r}")
+    multiple = out.get("vocab_padding_multiple")
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+        raise ValueError(f"GPT config key 'vocab_padding_multiple' must be a positive int or None, got {multiple!r}")
     return out
+
+
+def padded_vocab_size(vocab_size: int, multiple: int | None) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple`` (50,257 -> 50,304 for 64)."""
+    if not multiple:
+        return vocab_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def pad_output_head(model: GPTModel, multiple: int) -> GPTModel:
+    """``model`` (in place) with its output head padded to a multiple of ``multiple`` rows, its
+    weights kept in the first rows: a model loaded unpadded (GPT-2's weights) on the fast path."""
+    cfg = normalize_config({**model.cfg, "vocab_padding_multiple": multiple})
+    rows = padded_vocab_size(model.vocab_size, multiple)
+    old = model.out_head
+    if rows != old.out_features:
+        new = nn.Linear(old.in_features, rows, bias=False, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.out_features] = old.weight[: model.vocab_size]
+            new.weight[old.out_features :].zero_()
+        model.out_head = new
+    model.cfg, model._padded = cfg, rows != model.vocab_size
+    return model
+
+
+def unpadded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with a padded output head cut back to the vocabulary: the book's shapes."""
+    state = model.state_dict()
+    vocab = int(model.cfg["vocab_size"])  # type: ignore[index]
+    if state["out_head.weight"].shape[0] != vocab:
+        state["out_head.weight"] = state["out_head.weight"][:vocab]
+    return state
 
 
 class MultiHeadAttention(nn.Module):
@@ -193,7 +237,10 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.vocab_size = int(cfg["vocab_size"])
+        padded = padded_vocab_size(self.vocab_size, cfg.get("vocab_padding_multiple"))
+        self.out_head = nn.Linear(cfg["emb_dim"], padded, bias=False)
+        self._padded = padded != self.vocab_size
 
     @property
     def context_length(self) -> int:
@@ -209,7 +256,13 @@ class GPTModel(nn.Module):
         pos = torch.arange(seq_len, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         x = self.trf_blocks(x)
-        return self.out_head(self.final_norm(x))
+        logits = self.out_head(self.final_norm(x))
+        if self._padded:  # padding ids can never be predicted: softmax gives them exactly 0
+            logits.index_fill_(-1, self._padding_ids(logits.device), -math.inf)
+        return logits
+
+    def _padding_ids(self, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.vocab_size, self.out_head.out_features, device=device)
 
 
 @torch.no_grad()

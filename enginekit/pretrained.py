@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .gpt import GPTModel, normalize_config
+from .gpt import GPTModel, normalize_config, padded_vocab_size, unpadded_state_dict
 
 __all__ = [
     "GPT2_HEADS_BY_WIDTH",
@@ -400,7 +400,8 @@ def crop_context(model: GPTModel, context_length: int) -> GPTModel:
 
 def _hf_tensors(model: GPTModel) -> tuple[dict[str, torch.Tensor], bool]:
     """The book's state dict -> GPT2LMHeadModel's safetensors names (the inverse of _book_state_dict)."""
-    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    # a head padded for speed (vocab_padding_multiple) goes out at the vocabulary's size
+    sd = {k: v.detach().to("cpu") for k, v in unpadded_state_dict(model).items()}
     cfg = model.cfg
     e = cfg["emb_dim"]
     out: dict[str, torch.Tensor] = {
@@ -448,7 +449,8 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike[str]) -
         raise TypeError(f"save_pretrained writes the book's GPTModel, got {type(inner).__name__}")
     cfg = inner.cfg
     head = inner.out_head
-    if not isinstance(head, torch.nn.Linear) or tuple(head.weight.shape) != (cfg["vocab_size"], cfg["emb_dim"]):
+    rows = padded_vocab_size(cfg["vocab_size"], cfg.get("vocab_padding_multiple"))
+    if not isinstance(head, torch.nn.Linear) or tuple(head.weight.shape) != (rows, cfg["emb_dim"]):
         raise ValueError(
             "save_pretrained writes a language model: out_head must map emb_dim to vocab_size "
             f"({cfg['emb_dim']} -> {cfg['vocab_size']}); this model's head is {head}"

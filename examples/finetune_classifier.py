@@ -118,6 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/classifier"))
     p.add_argument("--overwrite", action="store_true", help="start over in a folder that holds checkpoints")
     p.add_argument("--init", metavar="PATH_OR_NAME", help="start from GPT-2 weights (folder, .safetensors, hub name)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (the first step is slow)")
     return p.parse_args(argv)
 
 
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         forward_fn=last_token,
         loss_fn=F.cross_entropy,
         device=args.device,
+        compile=args.compile,
         plugins=[
             LRWarmup(warmup_fraction=0.1, initial_lr=args.lr / 100),
             CosineDecay(min_lr=args.lr / 100),

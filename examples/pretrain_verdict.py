@@ -32,7 +32,17 @@ import torch
 
 from enginekit import Engine, NonFiniteLossError, TrainingInterrupted, describe_error, plugin_failure
 from enginekit.data import verdict_loaders
-from enginekit.gpt import GPT_CONFIG_124M, GPT_CONFIG_TINY, GPTModel, crop_context, load_pretrained, save_pretrained
+from enginekit.fast import FAST, adamw, allow_tf32
+from enginekit.gpt import (
+    GPT_CONFIG_124M,
+    GPT_CONFIG_TINY,
+    GPTModel,
+    crop_context,
+    load_pretrained,
+    pad_output_head,
+    save_pretrained,
+    unpadded_state_dict,
+)
 from enginekit.plugin_api import FolderBusyError, atomic_write, lock_folder, lr_preview, plugin_settings, unlock_folder
 from enginekit.plugins import (
     Checkpoint,
@@ -134,8 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--precision",
         choices=["fp32", "bf16", "fp16"],
-        default="fp32",
-        help="bf16: autocast on CPU/CUDA; fp16: autocast + GradScaler, for CUDA (on CPU only to test that path)",
+        default=None,
+        help="fp32 (the default), bf16: autocast on CPU/CUDA; fp16: autocast + GradScaler, for CUDA "
+        "(on CPU only to test that path)",
     )
     g.add_argument(
         "--seed",
@@ -147,8 +158,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=count(), default=2, help="sequences per micro-batch and process (the loader's batch)"
     )
     g.add_argument("--grad-accum", type=count(), default=1, help="micro-batches per optimizer step")
-    g.add_argument(
-        "--compile", action="store_true", help="torch.compile the model (helps on GPU; did not on a 2-core CPU)"
+    f = p.add_argument_group("speed (each off by default: the defaults are the book's run, bit for bit)")
+    f.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (not the loop); the first step is slow"
+    )
+    f.add_argument(
+        "--adamw",
+        choices=["auto", "default", "fused", "foreach"],
+        default="auto",
+        help="AdamW implementation; auto: fused on CUDA, torch's default (the book's) elsewhere",
+    )
+    f.add_argument("--tf32", action="store_true", help="TF32 matmuls on CUDA (no effect on a CPU)")
+    f.add_argument(
+        "--pad-vocab", type=count(), default=None, metavar="N", help="pad the output head to a multiple of N (64)"
+    )
+    f.add_argument(
+        "--fast",
+        action="store_true",
+        help="all of the above (compile, fused AdamW, TF32, --pad-vocab 64) and bf16 unless --precision is given",
     )
     g.add_argument(
         "--out",
@@ -217,6 +244,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plot-lr", action="store_true", help="draw the chosen schedule to OUT/lr.png and exit without training"
     )
     args = p.parse_args(argv)
+    if args.fast:
+        args.compile, args.tf32 = FAST["compile"], FAST["tf32"]
+        args.adamw = FAST["adamw"] if args.adamw == "auto" else args.adamw
+        args.pad_vocab = args.pad_vocab or FAST["vocab_padding_multiple"]
+        args.precision = args.precision or FAST["precision"]
+    args.precision = args.precision or "fp32"
     try:
         args.device = Engine.pick_device(args.device)
     except ValueError as exc:
@@ -332,17 +365,24 @@ def train(args: argparse.Namespace) -> int:
         steps_per_epoch = -(-len(train_loader) // args.grad_accum)
         if args.plot_lr:
             return plot_schedule(args, steps_per_epoch)
-        model = GPTModel(cfg) if pretrained is None else pretrained
+        if pretrained is None:
+            model = GPTModel({**cfg, "vocab_padding_multiple": args.pad_vocab} if args.pad_vocab else cfg)
+        else:
+            model = pad_output_head(pretrained, args.pad_vocab) if args.pad_vocab else pretrained
         device = args.device  # resolved and checked by parse_args
-        # fused AdamW: one kernel for all parameters on CUDA; the default elsewhere
-        fused = True if device.type == "cuda" else None
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.peak_lr, weight_decay=args.weight_decay, fused=fused)
+        if args.tf32:
+            allow_tf32()
+        # auto: fused AdamW (one kernel for all parameters) on CUDA; torch's default, the book's, elsewhere
+        implementation = args.adamw if args.adamw != "auto" else "fused" if device.type == "cuda" else "default"
+        optimizer = adamw(
+            model.parameters(), lr=args.peak_lr, weight_decay=args.weight_decay, implementation=implementation
+        )
         if device.type == "cuda":
             train_loader, val_loader = verdict_loaders(
                 batch_size=args.batch_size, context_length=cfg["context_length"], pin_memory=True
             )
         engine = Engine(
-            torch.compile(model) if args.compile else model,
+            model,
             optimizer,
             train_loader,
             val_loader,
@@ -350,6 +390,7 @@ def train(args: argparse.Namespace) -> int:
             device=device,
             precision=args.precision,
             grad_accum_steps=args.grad_accum,
+            compile=args.compile,
         )
     except (ValueError, ImportError, TypeError) as exc:  # a bad setting, an unknown or broken --plugin
         print(f"error: {exc}", file=sys.stderr)
@@ -382,7 +423,8 @@ def train(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     if main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / "model.pt", lambda f: torch.save(model.state_dict(), f))
+        # the book's shapes even with --pad-vocab, so the book's code loads model.pt as it is
+        atomic_write(args.out / "model.pt", lambda f: torch.save(unpadded_state_dict(model), f))
         if args.export is not None:
             try:
                 engine.print(f"Hugging Face GPT-2 folder in {save_pretrained(model, args.export)}")

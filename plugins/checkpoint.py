@@ -425,6 +425,7 @@ class Checkpoint:
             # the run's last save is waited for at the end of fit anyway: written now, it needs no copy
             background = self.async_write and not _fit_ends(engine.state)
         self.wait(engine)  # at most one write in flight; a failure of the previous one surfaces here
+        engine.check_finite()  # with sync_every > 1: no state trained on a non-finite loss is written
         state = engine.state_dict()
         path = self.dir / f"ckpt-{state['step']:08d}.pt"
         nonfinite = _first_nonfinite(_unwrap(engine.model))

@@ -42,6 +42,9 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--async-writes", action="store_true")
+    p.add_argument("--compile", default=None, metavar="BACKEND", help="Engine(compile={'backend': BACKEND})")
+    p.add_argument("--sync-every", type=int, default=None)
+    p.add_argument("--stop-on-rank1-at", type=int, default=None, help="rank 1 alone sets should_stop at this step")
     args = p.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     out = args.out / f"rank{rank}" if args.per_rank_dirs else args.out
@@ -77,7 +80,26 @@ def main() -> None:
             seen.append([engine.state.epoch, [row[:4].tolist() for mb in micro for row in mb[0]]])
 
     plugins.append(Seen())
-    engine = Engine(model, optimizer, train, val, plugins=plugins, device="cpu", grad_accum_steps=args.grad_accum)
+
+    class StopOnRank1:  # a stop asked for on one rank only: every rank must still leave together
+        @hookimpl
+        def after_step(self, engine, loss):
+            if engine.state.rank == 1 and engine.state.step == args.stop_on_rank1_at:
+                engine.state.should_stop = True
+
+    if args.stop_on_rank1_at is not None:
+        plugins.append(StopOnRank1())
+    engine = Engine(
+        model,
+        optimizer,
+        train,
+        val,
+        plugins=plugins,
+        device="cpu",
+        grad_accum_steps=args.grad_accum,
+        compile={"backend": args.compile} if args.compile else False,
+        sync_every=args.sync_every,
+    )
     engine.fit(epochs=args.epochs, max_steps=args.max_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(

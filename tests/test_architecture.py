@@ -77,7 +77,7 @@ def contract(name: str) -> dict:
 CORE = {f"enginekit.{p.stem}" for p in (ROOT / "enginekit").glob("*.py") if p.stem != "__init__"}
 #: what plugins and examples may import (enginekit.testing too, in their tests)
 PUBLIC = {"enginekit", "enginekit.plugins", "enginekit.plugin_api", "enginekit.hookspec", "enginekit.log"}
-PUBLIC |= {"enginekit.gpt", "enginekit.data"}
+PUBLIC |= {"enginekit.gpt", "enginekit.data", "enginekit.fast"}
 
 
 def test_every_core_module_is_under_the_forbidden_contract():

@@ -97,6 +97,18 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_ddp_reading_every_3_steps_equals_eager_ddp_and_stops_all_ranks_together(tmp_path):
+    same = ["--batch-size", "1", "--no-dropout", "--no-shuffle", "--epochs", "1"]
+    torchrun(tmp_path / "eager", *same)
+    # compile wraps DDP (as PyTorch documents); rank 1 alone asks to stop after step 4, between reads
+    torchrun(tmp_path / "compiled", *same, "--compile", "aot_eager", "--sync-every", "3", "--stop-on-rank1-at", "4")
+    (eager, _), (r0, r1) = results(tmp_path / "eager"), results(tmp_path / "compiled")
+    assert r0["steps"] == r1["steps"] == 6  # both ranks left after the next read, at 6 finished steps
+    assert all(torch.equal(r0["model"][k], r1["model"][k]) for k in r0["model"])
+    assert r0["lrs"] == eager["lrs"][:6]
+    assert r0["train_losses"] == pytest.approx(eager["train_losses"][: len(r0["train_losses"])], rel=1e-5)
+
+
 def test_interrupted_and_resumed_under_two_ranks_equals_uninterrupted(two_ranks, tmp_path):
     reference, _ = two_ranks
     out = tmp_path / "run"
