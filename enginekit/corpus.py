@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from . import data
 from .files import atomic_write, lock_folder, unlock_folder
 
 __all__ = [
@@ -71,6 +70,8 @@ class CorpusError(ValueError):
 
 def tokenizer_identity() -> dict[str, Any]:
     """What a manifest records of the tokenizer: the bundled files' sha256, the vocabulary, the end id."""
+    from . import data  # imported here: enginekit.data re-exports this module's entry points
+
     enc = data.gpt2_tokenizer()
     return {
         "name": enc.name,
@@ -90,7 +91,9 @@ def _encode_pieces(pieces: list[str], ends: list[bool]) -> np.ndarray:
 
     ``encode_ordinary``: a literal "<|endoftext|>" inside a document is text, not a separator.
     """
-    enc = data.gpt2_tokenizer()
+    from .data import gpt2_tokenizer
+
+    enc = gpt2_tokenizer()
     ids: list[int] = []
     for piece, end in zip(pieces, ends):
         ids.extend(enc.encode_ordinary(piece))
@@ -137,7 +140,9 @@ def resolve_sources(sources: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if glob.has_magic(text) and not path.exists():
             matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
             if not matches:
-                raise CorpusError(f"source {text!r} matches no file; check the pattern (quote it so the shell keeps it)")
+                raise CorpusError(
+                    f"source {text!r} matches no file; check the pattern (quote it so the shell keeps it)"
+                )
             files.extend(matches)
         elif path.is_dir():
             found = sorted(
@@ -485,9 +490,7 @@ def _tokenize_into(
             f"the training split is empty: all {n_docs} document(s) went to validation; use a smaller --val-fraction"
         )
     return {
-        "splits": {
-            s: {"tokens": w.tokens, "documents": w.documents, "shards": w.shards} for s, w in writers.items()
-        },
+        "splits": {s: {"tokens": w.tokens, "documents": w.documents, "shards": w.shards} for s, w in writers.items()},
         "seconds": round(time.perf_counter() - start, 3),
     }
 
@@ -497,7 +500,9 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        unfinished = " (an unfinished preparation: run enginekit prepare again)" if (folder / IN_PROGRESS).exists() else ""
+        unfinished = (
+            " (an unfinished preparation: run enginekit prepare again)" if (folder / IN_PROGRESS).exists() else ""
+        )
         raise CorpusError(f"{folder} is not a prepared corpus: it has no {MANIFEST}{unfinished}")
     try:
         manifest = json.loads(path.read_text())
@@ -566,7 +571,9 @@ class TokenDataset(Dataset):
         self.tokens = int(info["tokens"])
         if self.tokens <= context_length:
             hint = (
-                "prepared with --val-fraction 0" if split == "val" and self.tokens == 0 else "fewer than one window needs"
+                "prepared with --val-fraction 0"
+                if split == "val" and self.tokens == 0
+                else "fewer than one window needs"
             )
             raise CorpusError(
                 f"corpus {self.folder}: the {split} split has {self.tokens} tokens ({hint}), and context_length "
@@ -823,9 +830,9 @@ class TokenLoader:
         self._plan = _BatchPlan(dataset, batch_size, shuffle, seed, drop_last, self.rank, self.world_size)
         if self._plan.batches == 0:
             raise CorpusError(
-                f"{dataset.split} split of {dataset.folder}: {len(dataset)} window(s) of context {dataset.context_length} "
-                f"over {self.world_size} process(es) give no batch of {batch_size} (drop_last); use a smaller "
-                "batch size, a smaller stride, or more text"
+                f"{dataset.split} split of {dataset.folder}: {len(dataset)} window(s) of context "
+                f"{dataset.context_length} over {self.world_size} process(es) give no batch of {batch_size} "
+                "(drop_last); use a smaller batch size, a smaller stride, or more text"
             )
         self.epoch, self.position = 0, 0
         self._resume_at: int | None = None

@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .nonfinite import NonFinitePolicy
 from .precision import Precision
 from .registry import Registry
-from .resume import DataPosition, engine_state_dict, load_engine_state
+from .resume import DataPosition, engine_state_dict, load_engine_state, loader_state
 from .signals import StopSignals
 from .state import TrainState, capture_rng
 
@@ -354,12 +354,14 @@ class Engine:
     def state_dict(self) -> dict[str, Any]:
         """Where the run stands, as tensors and plain values: counters, RNGs, scaler, data position,
         the metrics channel. Call it at a save point (between steps)."""
+        loader = loader_state(self.train_loader)  # a loader that keeps its own position: stored, not replayed
         return engine_state_dict(
             self.state,
             self._position,
             self._dist.gather(capture_rng(), self.state.world_size),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             metrics=self.metrics.state_dict(),
+            **({} if loader is None else {"loader": self._dist.gather(loader, self.state.world_size)}),
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
