@@ -792,12 +792,15 @@ class TokenLoader:
     than ``world_size``), ``batch_size`` at a time. The order depends only on ``seed``, the epoch
     and the corpus, not on ``num_workers`` (workers build whole batches, delivered in order).
 
-    Position: ``state_dict()`` is ``{"epoch", "position"}`` (batches already delivered in that
-    epoch) plus the facts a resume must share; ``load_state_dict()`` makes the next ``iter()``
-    start there, computing nothing it skips: O(1) at any position. Otherwise every ``iter()``
-    starts the current epoch from its first batch (as a DataLoader does, so a validation loader
-    evaluates the same batches each time); exhausting an epoch moves to the next, and
-    ``set_epoch(e)`` chooses one (the engine calls it before each epoch).
+    Position: ``state_dict()`` is ``{"epoch", "position"}`` (batches the epoch's iterator has
+    handed over) plus the facts a resume must share; ``load_state_dict()`` makes the next
+    ``iter()`` start there, computing nothing it skips: O(1) at any position. The epoch's
+    iterator is the first ``iter()`` after ``set_epoch``, ``load_state_dict`` or the end of
+    the previous epoch; exhausting it moves to the next epoch. Any other ``iter()`` meanwhile
+    (an evaluation of training loss on this loader, a validation loader read again) starts the
+    current epoch from its first batch and moves nothing, so evaluating never shifts the
+    training position and always sees the same batches. The engine calls ``set_epoch(e)``
+    before each epoch.
 
     Rank and world size default to torch.distributed's, else the ``RANK``/``WORLD_SIZE`` that
     torchrun sets; the engine keeps such a loader as it is under torchrun.
@@ -836,12 +839,14 @@ class TokenLoader:
             )
         self.epoch, self.position = 0, 0
         self._resume_at: int | None = None
+        self._epoch_iter: int | None = None  # id of the epoch's iterator; None: the next iter() is it
+        self._iters = 0
 
     def __len__(self) -> int:
         return self._plan.batches
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position, self._resume_at = epoch, 0, None
+        self.epoch, self.position, self._resume_at, self._epoch_iter = epoch, 0, None, None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -866,16 +871,18 @@ class TokenLoader:
         if not 0 <= state["position"] <= len(self):
             raise CorpusError(f"loader position {state['position']} is outside this loader's {len(self)} batches")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._resume_at = self.position
+        self._resume_at, self._epoch_iter = self.position, None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, start, self._resume_at = self.epoch, self._resume_at or 0, None
-        if start >= len(self):  # resumed at the very end of an epoch: the next one
-            epoch, start = epoch + 1, 0
-        self.epoch, self.position = epoch, start
-        return self._batches(epoch, start)
+        self._iters += 1
+        if self._epoch_iter is not None:  # the epoch is being read: an independent pass from its start
+            return self._batches(self.epoch, 0, None)
+        # resumed at the very end of an epoch: nothing is left of it, the next iter() is the next epoch
+        start, self._resume_at = self._resume_at or 0, None
+        self.position, self._epoch_iter = start, self._iters
+        return self._batches(self.epoch, start, self._iters)
 
-    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, epoch: int, start: int, owner: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_workers == 0:
             source: Iterator[Any] = (self._plan.fetch(epoch, b) for b in range(start, len(self)))
         else:
@@ -887,15 +894,20 @@ class TokenLoader:
                     num_workers=self.num_workers,
                     pin_memory=self.pin_memory,
                     prefetch_factor=self.prefetch_factor,
+                    # its own generator: a DataLoader with workers draws their base seed from the global
+                    # RNG otherwise, and dropout downstream would differ from a run with num_workers=0
+                    generator=torch.Generator().manual_seed(self.seed),
                 )
             )
         for batch in source:
             if self.num_workers == 0 and self.pin_memory:
                 batch = (batch[0].pin_memory(), batch[1].pin_memory())
             # counted when handed over, not when fetched: prefetched batches are not consumed yet
-            self.position += 1
+            if owner is not None and owner == self._epoch_iter:
+                self.position += 1
             yield batch
-        self.epoch, self.position = epoch + 1, 0
+        if owner is not None and owner == self._epoch_iter:
+            self.epoch, self.position, self._epoch_iter = epoch + 1, 0, None
 
     def windows_of_batch(self, epoch: int, b: int) -> list[int]:
         """The window indices of batch ``b`` of ``epoch`` on this rank (for tests and inspection)."""
