@@ -8,6 +8,7 @@ batch, a greedy sample after each epoch, a checkpoint after each epoch.
     python examples/pretrain_verdict.py                      # the book's run (2-core CPU: ~11 min)
     python examples/pretrain_verdict.py --model tiny --epochs 2 --out runs/tiny
     python examples/pretrain_verdict.py --resume             # continue after an interruption
+    enginekit prepare my_texts/ --out corpus/ && python examples/pretrain_verdict.py --data corpus/ --max-steps 5000
     torchrun --standalone --nproc_per_node=2 examples/pretrain_verdict.py --model tiny
 
 Exit status: 0 done; 1 a training error (bad setting found at fit time, plugin failure,
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from enginekit import Engine, NonFiniteLossError, PluginError, TrainingInterrupted
-from enginekit.data import verdict_loaders
+from enginekit.data import corpus_loaders, verdict_loaders
 from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.gpt import GPT_CONFIG_124M, GPT_CONFIG_TINY, GPTModel
 from enginekit.plugins import (
@@ -107,15 +108,35 @@ def plugin_spec(text: str) -> tuple[str, dict[str, object]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Pretrain GPT on The Verdict with enginekit (appendix D of the book).",
+        description="Pretrain GPT on The Verdict (or your own text, --data) with enginekit (appendix D of the book).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("run")
     g.add_argument(
         "--model", choices=sorted(CONFIGS), default="124M", help="124M: the book's model; tiny: trains in seconds"
     )
-    g.add_argument("--epochs", type=count(), default=15, help="passes over the training text")
-    g.add_argument("--max-steps", type=count(), default=None, help="stop after this many optimizer steps")
+    g.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="train on a corpus made by `enginekit prepare SOURCES --out DIR` (its validation split for "
+        "evaluation) instead of the bundled story; default: The Verdict, exactly as the book",
+    )
+    g.add_argument(
+        "--epochs",
+        type=count(),
+        default=15,
+        help="passes over the training text: right for The Verdict (9 steps each); a big --data corpus has "
+        "millions of steps per epoch, so give --max-steps there (the run ends at whichever comes first, and "
+        "warmup and cosine plan against that length)",
+    )
+    g.add_argument(
+        "--max-steps",
+        type=count(),
+        default=None,
+        help="stop after this many optimizer steps (the unit for big corpora)",
+    )
     g.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     g.add_argument(
         "--precision",
@@ -291,6 +312,13 @@ def run(argv: list[str] | None = None) -> int:
         unlock_folder(args.out)
 
 
+def data_loaders(args: argparse.Namespace, cfg: dict, pin_memory: bool = False) -> tuple:
+    """The bundled story (the book's loaders, shuffled by torch's global RNG), or a prepared --data corpus."""
+    if args.data is None:
+        return verdict_loaders(batch_size=args.batch_size, context_length=cfg["context_length"], pin_memory=pin_memory)
+    return corpus_loaders(args.data, args.batch_size, cfg["context_length"], seed=args.seed, pin_memory=pin_memory)
+
+
 def train(args: argparse.Namespace) -> int:
     cfg = CONFIGS[args.model]
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -299,7 +327,7 @@ def train(args: argparse.Namespace) -> int:
         return 2
     torch.manual_seed(args.seed)
     try:
-        train_loader, val_loader = verdict_loaders(batch_size=args.batch_size, context_length=cfg["context_length"])
+        train_loader, val_loader = data_loaders(args, cfg)
         steps_per_epoch = -(-len(train_loader) // args.grad_accum)
         if args.plot_lr:
             return plot_schedule(args, steps_per_epoch)
@@ -309,9 +337,7 @@ def train(args: argparse.Namespace) -> int:
         fused = True if device.type == "cuda" else None
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.peak_lr, weight_decay=args.weight_decay, fused=fused)
         if device.type == "cuda":
-            train_loader, val_loader = verdict_loaders(
-                batch_size=args.batch_size, context_length=cfg["context_length"], pin_memory=True
-            )
+            train_loader, val_loader = data_loaders(args, cfg, pin_memory=True)
         engine = Engine(
             torch.compile(model) if args.compile else model,
             optimizer,

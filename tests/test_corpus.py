@@ -439,3 +439,47 @@ def test_sigterm_mid_epoch_then_resume_ends_bit_identical_to_the_uninterrupted_r
     assert (tmp_path / "cut" / metrics).read_text() == (tmp_path / "whole" / metrics).read_text()
     # the data order: the cut run's steps, then the resumed run's, are the uninterrupted run's steps
     assert (tmp_path / "cut" / "order.txt").read_text() == (tmp_path / "whole" / "order.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- the main job
+
+
+def _example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_verdict_corpus", ROOT / "examples" / "pretrain_verdict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_main_job_trains_on_a_prepared_folder_and_evaluates_on_its_validation_split(prepared, tmp_path, capsys):
+    example = _example()
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--data", str(prepared), "--max-steps", "5", "--eval-freq", "2", "--out", str(out)]
+    assert example.main([*args, "--no-sample", "--no-progress", "--no-checkpoint"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert rows[-1]["tokens_seen"] == 5 * 2 * 64  # batch 2 x context 64 per step, steps 0..4
+    # the last evaluation (after the last step) is the final weights' loss on the validation split's first batch
+    from enginekit.gpt import GPTModel
+
+    model = GPTModel(example.CONFIGS["tiny"]).eval()
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    _, val = corpus_loaders(prepared, 2, 64)
+    with torch.no_grad():
+        x, y = next(iter(val))
+        expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert rows[-1]["val_loss"] == pytest.approx(expected, rel=1e-6)
+    capsys.readouterr()
+    assert example.main(["--model", "tiny", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a prepared corpus: it has no manifest.json" in err
+
+
+def test_the_main_jobs_help_says_when_to_use_max_steps_instead_of_epochs(capsys):
+    with pytest.raises(SystemExit):
+        _example().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--data DIR" in text and "enginekit prepare SOURCES --out DIR" in text
+    assert "millions of steps per epoch, so give --max-steps there" in text
