@@ -483,3 +483,16 @@ def test_the_main_jobs_help_says_when_to_use_max_steps_instead_of_epochs(capsys)
     text = " ".join(capsys.readouterr().out.split())
     assert "--data DIR" in text and "enginekit prepare SOURCES --out DIR" in text
     assert "millions of steps per epoch, so give --max-steps there" in text
+
+
+def test_the_docs_python_blocks_run():
+    import re
+
+    text = (ROOT / "docs" / "corpus.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        exec(block, {})
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own text") :]
+    assert "enginekit prepare my_texts/ --out corpus/" in section and "--data corpus/" in section
