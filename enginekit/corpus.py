@@ -6,8 +6,9 @@ followed by ``<|endoftext|>``, on every core, and writes fixed-size token shards
 ``manifest.json``. The manifest is written last, atomically: a folder without it vouches for
 nothing, and a rerun starts over.
 
-Loading (:class:`TokenDataset`, :class:`TokenLoader`, :func:`corpus_loaders`) memory-maps the
-shards and cuts windows of ``context_length + 1`` tokens with the book's stride semantics.
+Loading (:class:`TokenDataset`, :class:`TokenLoader`, :func:`corpus_loaders`) reads windows of
+``context_length + 1`` tokens in place from the shards (``pread``, or a memory map), with the
+book's stride semantics.
 The loader's shuffle is a keyed bijection of the window index (a Feistel network), so it holds
 no per-window objects or arrays, shards by rank under torchrun, and resumes in O(1) from
 ``state_dict()`` = ``{"epoch", "position", ...}``: the engine stores it in checkpoints.
@@ -23,6 +24,7 @@ import gzip
 import hashlib
 import io
 import json
+import mmap
 import multiprocessing
 import os
 import re
@@ -531,7 +533,7 @@ def _sha256_file(path: Path) -> str:
 
 
 class TokenDataset(Dataset):
-    """Windows over one split of a prepared corpus, memory-mapped; item ``i`` is ``(inputs, targets)``.
+    """Windows over one split of a prepared corpus, read in place; item ``i`` is ``(inputs, targets)``.
 
     The split's shards are one token stream; window ``i`` starts at token ``i * stride`` and
     holds ``context_length + 1`` tokens (a window may span two shards), starts
@@ -542,6 +544,13 @@ class TokenDataset(Dataset):
     mtime in ``.verified.json``; later opens hash only shards whose size or mtime changed
     (hashing runs at about 1-2 GB/s, so a 10 GB corpus costs seconds once, not at every start).
     ``"always"`` hashes every open; ``"size"`` checks sizes only. Sizes are always checked.
+
+    ``access`` says how windows are read, never the whole split into memory: ``"pread"``
+    (default) one ``os.pread`` per window (about 5 us); ``"mmap"`` slices of a memory map (about
+    3.5 us), whose pages stay mapped once touched: the kernel maps whole cached folios around
+    each fault, so on this machine 20,000 random windows put all of a 1 GiB shard in the RSS
+    (page cache, reclaimable, but counted as the process's), while pread keeps it flat
+    (``benchmarks/corpus.py``).
     """
 
     def __init__(
@@ -552,6 +561,7 @@ class TokenDataset(Dataset):
         stride: int | None = None,
         *,
         verify: str = "once",
+        access: str = "pread",
     ) -> None:
         if split not in SPLITS:
             raise CorpusError(f"split must be one of {SPLITS}, got {split!r}")
@@ -562,6 +572,9 @@ class TokenDataset(Dataset):
             raise CorpusError(f"stride must be an int >= 1, got {stride!r}")
         if verify not in ("once", "always", "size"):
             raise CorpusError(f"verify must be 'once', 'always' or 'size', got {verify!r}")
+        if access not in ("pread", "mmap"):
+            raise CorpusError(f"access must be 'pread' or 'mmap', got {access!r}")
+        self.access = access
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.split, self.context_length, self.stride = split, context_length, stride
@@ -586,7 +599,7 @@ class TokenDataset(Dataset):
         for size in self._sizes[:-1]:
             self._offsets.append(self._offsets[-1] + size)
         self._n = len(range(0, self.tokens - context_length, stride))
-        self._maps: list[np.ndarray] | None = None
+        self._maps: list[Any] | None = None
 
     def _check_files(self, verify: str) -> None:
         record_path = self.folder / VERIFIED
@@ -625,31 +638,55 @@ class TokenDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_maps"] = None  # each worker maps the files itself; pickling a memmap would copy it
+        state["_maps"] = None  # each worker opens the files itself (pickling a memory map would copy it)
         return state
 
-    def _open(self) -> list[np.ndarray]:
+    def _open(self) -> list[Any]:
+        """Per process, on first use: a file descriptor per shard ("pread") or a memory map ("mmap")."""
         if self._maps is None:
-            self._maps = [
-                np.memmap(self.folder / s["file"], dtype=self.dtype, mode="r", shape=(int(s["tokens"]),))
-                for s in self.shards
-            ]
+            if self.access == "pread":
+                self._maps = [os.open(self.folder / shard["file"], os.O_RDONLY) for shard in self.shards]
+            else:
+                maps = []
+                for shard in self.shards:
+                    path, n = self.folder / shard["file"], int(shard["tokens"])
+                    mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(n,))
+                    raw = getattr(mm, "_mmap", None)
+                    if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+                        raw.madvise(mmap.MADV_RANDOM)  # shuffled windows: read-ahead only wastes
+                    # a plain ndarray view: slicing an np.memmap builds a memmap object each time (4x slower)
+                    maps.append(np.asarray(mm))
+                self._maps = maps
         return self._maps
+
+    def _piece(self, shard: int, offset: int, length: int) -> np.ndarray:
+        source = self._open()[shard]
+        if self.access == "mmap":
+            return source[offset : offset + length]
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(source, length * size, offset * size), dtype=self.dtype)
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the split's stream, across shard boundaries."""
-        maps = self._open()
         s = bisect.bisect_right(self._offsets, start) - 1
         offset = start - self._offsets[s]
         if offset + length <= self._sizes[s]:
-            return maps[s][offset : offset + length]
+            return self._piece(s, offset, length)
         parts = []
         while length > 0:
             take = min(length, self._sizes[s] - offset)
-            parts.append(maps[s][offset : offset + take])
+            parts.append(self._piece(s, offset, take))
             length -= take
             s, offset = s + 1, 0
         return np.concatenate(parts)
+
+    def __del__(self) -> None:
+        if getattr(self, "access", None) == "pread" and getattr(self, "_maps", None):
+            for fd in self._maps:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def __len__(self) -> int:
         return self._n
@@ -692,12 +729,15 @@ class IndexPermutation:
 
     A 4-round Feistel network on the smallest power of two >= n (unbalanced halves, so the
     domain is < 2n), with cycle walking: values >= n are encrypted again until they fall in
-    range, which keeps it a bijection on ``range(n)``; on average fewer than 2 passes. Memory is
-    a few ints whatever ``n`` (``torch.randperm(n)`` would take 8 bytes per window: 4 GB for
-    500M windows at stride 1).
+    range, which keeps it a bijection on ``range(n)``; on average fewer than 2 passes. The round
+    function is multiply-shift hashing (the top bits of ``(right ^ key) * odd`` mod 2^64), one
+    multiplication, so an index costs about a microsecond in Python. Memory is a few ints
+    whatever ``n`` (``torch.randperm(n)`` would take 8 bytes per window: 4 GB for 500M windows
+    at stride 1).
     """
 
     ROUNDS = 4
+    _ODD = 0x9E3779B97F4A7C15
 
     def __init__(self, n: int, seed: int, epoch: int = 0) -> None:
         if n < 1:
@@ -706,14 +746,15 @@ class IndexPermutation:
         bits = max(2, (n - 1).bit_length())
         self._left, self._right = bits // 2, bits - bits // 2
         base = _mix64(_mix64(seed & _M64) ^ _mix64((epoch + 1) & _M64))
-        self._keys = [_mix64(base + r) for r in range(self.ROUNDS)]
+        # each round: (key, bits of the half it writes); the halves alternate between a and b bits
+        widths = [self._left if r % 2 == 0 else self._right for r in range(self.ROUNDS)]
+        self._rounds = [(_mix64(base + r), 64 - w) for r, w in enumerate(widths)]
 
     def _encrypt(self, x: int) -> int:
-        a, b = self._left, self._right  # x = l << b | r with l of a bits, r of b bits
+        b = self._right  # x = left << b | right: left of a bits, right of b bits
         left, right = x >> b, x & ((1 << b) - 1)
-        for key in self._keys:
-            left, right = right, left ^ (_mix64(right ^ key) & ((1 << a) - 1))
-            a, b = b, a
+        for key, shift in self._rounds:
+            left, right = right, left ^ ((((right ^ key) * self._ODD) & _M64) >> shift)
         return (left << b) | right
 
     def __call__(self, i: int) -> int:
@@ -924,6 +965,7 @@ def corpus_loaders(
     num_workers: int = 0,
     pin_memory: bool = False,
     verify: str = "once",
+    access: str = "pread",
 ) -> tuple[TokenLoader, TokenLoader]:
     """Train and validation loaders over a prepared corpus, as :func:`~enginekit.data.verdict_loaders` is for the story.
 
@@ -932,14 +974,14 @@ def corpus_loaders(
     validation loader neither shuffles nor drops, and every rank reads all of it.
     """
     train = TokenLoader(
-        TokenDataset(folder, "train", context_length, stride, verify=verify),
+        TokenDataset(folder, "train", context_length, stride, verify=verify, access=access),
         batch_size,
         seed=seed,
         num_workers=num_workers,
         pin_memory=pin_memory,
     )
     val = TokenLoader(
-        TokenDataset(folder, "val", context_length, stride, verify=verify),
+        TokenDataset(folder, "val", context_length, stride, verify=verify, access=access),
         batch_size,
         shuffle=False,
         drop_last=False,

@@ -285,10 +285,11 @@ def test_a_context_longer_than_the_validation_split_is_refused(prepared):
 # ---------------------------------------------------------------------------------------------- loading
 
 
+@pytest.mark.parametrize("access", ["pread", "mmap"])
 @pytest.mark.parametrize("stride", [16, 5, 23])
-def test_windows_follow_the_books_stride_across_shard_boundaries(prepared, stride):
+def test_windows_follow_the_books_stride_across_shard_boundaries(prepared, stride, access):
     ids = torch.from_numpy(split_tokens(prepared, "train").astype(np.int64))
-    ds = TokenDataset(prepared, "train", 16, stride)
+    ds = TokenDataset(prepared, "train", 16, stride, access=access)
     starts = range(0, len(ids) - 16, stride)  # GPTDatasetV1's windows
     assert len(ds) == len(starts)
     for i in [0, 1, len(starts) // 2, len(starts) - 1, *range(55, 70)]:  # 997-token shards: crossings
