@@ -88,7 +88,7 @@ def _dtype_for(n_vocab: int) -> np.dtype:
     return np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)
 
 
-def _encode_pieces(pieces: list[str], ends: list[bool]) -> np.ndarray:
+def _encode_pieces(pieces: list[str], ends_document: list[bool]) -> np.ndarray:
     """Token ids of text pieces in order, ``<|endoftext|>`` after each piece that ends a document.
 
     ``encode_ordinary``: a literal "<|endoftext|>" inside a document is text, not a separator.
@@ -96,12 +96,18 @@ def _encode_pieces(pieces: list[str], ends: list[bool]) -> np.ndarray:
     from .data import gpt2_tokenizer
 
     enc = gpt2_tokenizer()
-    ids: list[int] = []
-    for piece, end in zip(pieces, ends):
-        ids.extend(enc.encode_ordinary(piece))
-        if end:
-            ids.append(enc.eot_token)
-    return np.asarray(ids, dtype=_dtype_for(enc.n_vocab))
+    dtype = _dtype_for(enc.n_vocab)
+    end = np.array([enc.eot_token], dtype=dtype)
+    parts: list[np.ndarray] = []
+    for piece, ends in zip(pieces, ends_document):
+        if hasattr(enc, "encode_to_numpy"):
+            # encode_ordinary's ids straight into an array: no list of Python ints (about 20% faster)
+            parts.append(enc.encode_to_numpy(piece, disallowed_special=()).astype(dtype, copy=False))
+        else:
+            parts.append(np.asarray(enc.encode_ordinary(piece), dtype=dtype))
+        if ends:
+            parts.append(end)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
 def _safe_split(text: str, at: int) -> int:

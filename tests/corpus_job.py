@@ -1,11 +1,13 @@
 """A tiny GPT trained on a prepared corpus through the engine, for the SIGTERM resume test (fresh processes).
 
     python tests/corpus_job.py CORPUS OUT [--term-at K] [--resume] [--workers N]
+    torchrun --standalone --nproc_per_node=2 tests/corpus_job.py CORPUS OUT ...
 
 Two epochs with the appendix-D plugins, a LossTracker writing OUT/metrics/metrics.jsonl and a
 Checkpoint every 5 steps. Every step appends "step sha256-of-its-inputs" to OUT/order.txt (the
-data order). ``--term-at K`` sends SIGTERM to itself during step K: the engine finishes the
-step, checkpoints it and exits 143. At the end OUT/result.pt holds the weights and the losses.
+data order; OUT/order-rank{R}.txt under torchrun). ``--term-at K`` sends SIGTERM to itself
+during step K: the engine finishes the step, checkpoints it and exits 143. At the end
+OUT/result.pt (rank 0) holds the weights and the losses.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.manual_seed(123)
     args.out.mkdir(parents=True, exist_ok=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    order = args.out / (f"order-rank{os.environ.get('RANK', '0')}.txt" if world > 1 else "order.txt")
     ctx = TINY_CFG["context_length"]
     train, val = corpus_loaders(args.corpus, batch_size=2, context_length=ctx, seed=7, num_workers=args.workers)
     model = GPTModel(TINY_CFG)
@@ -70,7 +74,7 @@ def main() -> int:
         CosineDecay(min_lr=1e-5),
         GradClip(max_norm=1.0, start_step=4),
         tracker,
-        OrderLog(args.out / "order.txt"),
+        OrderLog(order),
         Checkpoint(args.out / "checkpoints", every_steps=5, keep_last=2, resume=args.resume, async_write=False),
     ]
     if args.term_at is not None:
@@ -80,6 +84,8 @@ def main() -> int:
         engine.fit(epochs=2)
     except TrainingInterrupted as exc:
         return exc.exit_code
+    if not engine.state.is_main:
+        return 0
     torch.save(
         {
             "model": model.state_dict(),

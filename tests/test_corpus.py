@@ -442,6 +442,36 @@ def test_sigterm_mid_epoch_then_resume_ends_bit_identical_to_the_uninterrupted_r
     assert (tmp_path / "cut" / "order.txt").read_text() == (tmp_path / "whole" / "order.txt").read_text()
 
 
+def test_under_torchrun_each_ranks_position_is_saved_and_restored_nothing_repeated_or_skipped(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    write_docs(tmp_path / "src", make_docs(25, words=12, seed=2))
+    prepared = tmp_path / "corpus"
+    prepare([tmp_path / "src"], prepared, shard_tokens=97, val_fraction=0.2, seed=1)
+    job = ROOT / "tests" / "corpus_job.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(job)]
+    out = tmp_path / "run"
+    cut = subprocess.run(
+        [*cmd, str(prepared), str(out), "--term-at", "11"], capture_output=True, text=True, timeout=300
+    )
+    assert cut.returncode != 0 and not (out / "result.pt").exists()
+    engine_state = torch.load(out / "checkpoints" / "ckpt-00000012.pt", weights_only=True)["engine"]
+    assert [s["rank"] for s in engine_state["loader"]] == [0, 1]  # each rank's own position
+    assert [s["position"] for s in engine_state["loader"]] == [4, 4]  # 8 steps per epoch: mid second epoch
+    done = subprocess.run([*cmd, str(prepared), str(out), "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ds = TokenDataset(prepared, "train", TINY_CFG["context_length"])
+    for rank in (0, 1):
+        loader = TokenLoader(ds, 2, seed=7, rank=rank, world_size=2)
+        expected = []
+        for step in range(2 * len(loader)):
+            x = ds.batch(loader.windows_of_batch(step // len(loader), step % len(loader)))[0]
+            expected.append(f"{step} {hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]}")
+        assert (out / f"order-rank{rank}.txt").read_text().splitlines() == expected
+
+
 # ---------------------------------------------------------------------------------------------- the main job
 
 
