@@ -86,11 +86,12 @@ def bench_prepare(work: Path, text_mb: float, workers: int, rounds: int) -> None
         f"   = {single_s / prep_s:.2f}x (reads, tokenizes, hashes, writes shards + manifest)"
     )
     # CPU seconds do not depend on how much of the CPU other processes take: they say what the
-    # same work would give on idle cores (the busiest of the main process and each worker's share)
-    ideal = single_cpu / max(parent_cpu, workers_cpu / workers)
+    # same work would give on idle cores (all of it spread over the cores, or the busiest process)
+    cores = len(os.sched_getaffinity(0))
+    ideal = single_cpu / max(parent_cpu, workers_cpu / workers, (parent_cpu + workers_cpu) / cores)
     print(
         f"   CPU seconds: 1 thread {single_cpu:.1f}; prepare_corpus main process {parent_cpu:.1f} + workers "
-        f"{workers_cpu:.1f} = {parent_cpu + workers_cpu:.1f}; on {workers} idle cores that is {ideal:.2f}x"
+        f"{workers_cpu:.1f} = {parent_cpu + workers_cpu:.1f}; on {cores} idle cores that is {ideal:.2f}x"
     )
     # The load of other processes changes within seconds: interleaved rounds on a subset compare
     # the three ways under the same conditions (each ratio is against the single thread of its round).

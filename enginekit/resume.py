@@ -43,6 +43,12 @@ class DataPosition:
             self.epoch_rng = torch.get_rng_state()
             return iter(loader)
         if "loader" in pending:  # the loader knows its position: no replay
+            if not callable(getattr(loader, "load_state_dict", None)):
+                raise ValueError(
+                    "the checkpoint holds the training loader's own position (a loader with state_dict, such as "
+                    f"TokenLoader), but this run's train_loader ({type(loader).__name__}) has none; resume with the "
+                    "same kind of loader"
+                )
             loader.load_state_dict(pending["loader"])
             self.epoch_rng = torch.get_rng_state()
             restore_rng(pending["rng"])

@@ -412,6 +412,21 @@ def test_the_engine_stores_the_loaders_own_position_and_restores_it_without_repl
         assert torch.equal(a, b)
 
 
+def test_a_loader_position_offered_to_a_plain_dataloader_is_a_clear_error(prepared):
+    from enginekit import Engine
+    from enginekit.data import create_dataloader
+
+    model = torch.nn.Sequential(torch.nn.Embedding(50257, 4), torch.nn.Linear(4, 50257))
+    train, _ = corpus_loaders(prepared, 2, 16)
+    first = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), train, device="cpu")
+    first.fit(max_steps=3)
+    plain = create_dataloader(load_verdict(), batch_size=2, max_length=16, stride=16)
+    second = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), plain, device="cpu")
+    second.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match=r"holds the training loader's own position .* \(DataLoader\) has none"):
+        second.fit(max_steps=5)
+
+
 def test_sigterm_mid_epoch_then_resume_ends_bit_identical_to_the_uninterrupted_run(tmp_path):
     job = ROOT / "tests" / "corpus_job.py"
     write_docs(tmp_path / "src", make_docs(25, words=12, seed=2))
