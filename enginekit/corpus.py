@@ -176,8 +176,7 @@ def resolve_sources(sources: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
-    raw = path.open("rb")
-    return gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw  # type: ignore[return-value]
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")  # type: ignore[return-value]
 
 
 def _decode_error(path: Path, offset: int, exc: UnicodeDecodeError, gz: bool) -> CorpusError:
@@ -930,7 +929,9 @@ class TokenLoader:
         return self._batches(self.epoch, start, self._iters)
 
     def _batches(self, epoch: int, start: int, owner: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.num_workers == 0:
+        # an independent pass (an evaluation reading a few batches) is read here: starting workers
+        # for it would cost more than the batches
+        if self.num_workers == 0 or owner is None:
             source: Iterator[Any] = (self._plan.fetch(epoch, b) for b in range(start, len(self)))
         else:
             source = iter(
@@ -947,7 +948,7 @@ class TokenLoader:
                 )
             )
         for batch in source:
-            if self.num_workers == 0 and self.pin_memory:
+            if self.pin_memory and (self.num_workers == 0 or owner is None):
                 batch = (batch[0].pin_memory(), batch[1].pin_memory())
             # counted when handed over, not when fetched: prefetched batches are not consumed yet
             if owner is not None and owner == self._epoch_iter:
@@ -976,8 +977,9 @@ def corpus_loaders(
     """Train and validation loaders over a prepared corpus, as :func:`~enginekit.data.verdict_loaders` is for the story.
 
     Stride defaults to the context length (no overlap, as appendix D). The training loader
-    shuffles (seeded), drops the last partial batch and shards by rank under torchrun; the
-    validation loader neither shuffles nor drops, and every rank reads all of it.
+    shuffles (seeded), drops the last partial batch, shards by rank under torchrun and uses
+    ``num_workers``; the validation loader neither shuffles nor drops, every rank reads all of
+    it, in the main process (an evaluation reads a few batches: workers would cost more).
     """
     train = TokenLoader(
         TokenDataset(folder, "train", context_length, stride, verify=verify, access=access),
@@ -993,7 +995,6 @@ def corpus_loaders(
         drop_last=False,
         rank=0,
         world_size=1,
-        num_workers=num_workers,
         pin_memory=pin_memory,
     )
     return train, val

@@ -141,7 +141,10 @@ def test_the_validation_split_is_by_documents_and_seeded(tmp_path):
 
 def test_the_same_preparation_again_is_a_no_op_and_another_is_refused(tmp_path, capsys):
     write_docs(tmp_path / "src", make_docs(10))
-    first = prepare([tmp_path / "src"], tmp_path / "out")
+    assert cli(["prepare", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--quiet", "--workers", "1"]) == 0
+    said = capsys.readouterr().out
+    first = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert f"train {first['splits']['train']['tokens']:,} tokens" in said and "--data " in said
     stamp = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
     assert prepare([tmp_path / "src"], tmp_path / "out") == first
     assert (tmp_path / "out" / "manifest.json").stat().st_mtime_ns == stamp
