@@ -387,19 +387,31 @@ def prepare_corpus(
             f"--out {out} holds files that are not a corpus ({', '.join(sorted(strangers)[:3])}); "
             "pass a new or empty folder"
         )
+    created = not out.exists()
     lock_folder(out, what="prepare")
     try:
-        for p in out.iterdir():  # an unfinished earlier run: nothing in it is vouched for
-            if p.name != ".enginekit.lock" and _ours(p):
-                p.unlink()
+        _clear(out)  # an unfinished earlier run: nothing in it is vouched for
         atomic_write(out / IN_PROGRESS, lambda f: f.write(json.dumps(plan).encode()))
         counts = _tokenize_into(files, out, plan, val_fraction, seed, errors, field, shard_tokens, workers, progress)
         manifest = {**plan, **counts}
         atomic_write(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
         (out / IN_PROGRESS).unlink()
+    except CorpusError:  # bad input: leave nothing behind (a crash leaves no manifest; a rerun clears)
+        _clear(out)
+        unlock_folder(out)
+        (out / ".enginekit.lock").unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
     finally:
         unlock_folder(out)
     return manifest
+
+
+def _clear(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name != ".enginekit.lock" and _ours(p):
+            p.unlink()
 
 
 def _documents(path: Path, field_name: str, errors: str) -> Iterator[tuple[str, bool]]:
@@ -433,7 +445,10 @@ def _tokenize_into(
         split, pieces, ends, size, done_bytes = "train", [], [], 0, 0
         for path, described in zip(files, plan["sources"]):
             for text, end in _documents(path, field_name, errors):
-                if not pieces or ends[-1]:  # a new document: draw its split
+                starts = not pieces or ends[-1]
+                if starts and end and not text:
+                    continue  # an empty document: no tokens, not even <|endoftext|>, no split drawn
+                if starts:  # a new document: draw its split
                     doc_split = "val" if val_fraction > 0 and draws.random() < val_fraction else "train"
                     if pieces and doc_split != split:
                         yield split, pieces, ends, done_bytes
@@ -462,9 +477,10 @@ def _tokenize_into(
             for split, pieces, ends, done_bytes in chunks():
                 take(split, _encode_pieces(pieces, ends), ends, done_bytes)
         else:
-            # Processes, not tiktoken's threads: on this machine encode_ordinary_batch with 2 threads
-            # ran at 0.8x of one thread, 2 processes at 1.9x (benchmarks/corpus.py). A bounded window
-            # of tasks keeps memory flat (Pool.imap would read the whole corpus ahead).
+            # Processes, not tiktoken's threads: in interleaved rounds on this 2-core machine two
+            # processes ran at 1.6x of one thread, encode_ordinary_batch's two threads at 1.3x
+            # (benchmarks/corpus.py). A bounded window of tasks keeps memory flat (Pool.imap would
+            # read the whole corpus ahead).
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             with multiprocessing.get_context(method).Pool(workers) as pool:
                 window: collections.deque = collections.deque()
@@ -480,10 +496,9 @@ def _tokenize_into(
             writer.close()
     finally:
         bar.close()
-    if tokens == sum(w.documents for w in writers.values()):  # nothing but end-of-text markers
+    if tokens == 0:
         raise CorpusError(
-            f"the corpus is empty: {len(files)} file(s), {writers['train'].documents + writers['val'].documents} "
-            "document(s), no text in any; check the sources (and --field for .jsonl)"
+            f"the corpus is empty: {len(files)} file(s), no text in any; check the sources (and --field for .jsonl)"
         )
     n_docs = writers["train"].documents + writers["val"].documents
     if val_fraction > 0 and writers["val"].documents == 0:

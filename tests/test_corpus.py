@@ -202,7 +202,7 @@ def test_a_file_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path, monkey
     (tmp_path / "bad.txt").write_bytes(good.encode() + b"ok\xffrest")
     with pytest.raises(CorpusError, match=r"bad.txt: not UTF-8 at byte offset 202 \(byte 0xff\); .*--errors replace"):
         prepare([tmp_path / "bad.txt"], tmp_path / "out", val_fraction=0.0)
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out").exists()  # nothing half-written
     code = cli(["prepare", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o2"), "--quiet", "--val-fraction", "0"])
     assert code == 1 and capsys.readouterr().err.count("\n") == 1
     prepare([tmp_path / "bad.txt"], tmp_path / "out", val_fraction=0.0, errors="replace")
@@ -232,13 +232,18 @@ def test_no_text_is_one_clear_error_and_writes_nothing(tmp_path, make, match):
     source = tmp_path / ("e.txt" if (tmp_path / "e.txt").exists() else "sub")
     with pytest.raises(CorpusError, match=match):
         prepare([source], tmp_path / "out")
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_document_cannot_give_a_validation_split(tmp_path):
     (tmp_path / "book.txt").write_text(load_verdict())
+    (tmp_path / "out").mkdir()  # a folder the user made stays, empty
     with pytest.raises(CorpusError, match="the validation split is empty: none of the 1 document"):
         prepare([tmp_path / "book.txt"], tmp_path / "out", val_fraction=0.1)
+    assert list((tmp_path / "out").iterdir()) == []
+    (tmp_path / "empty.txt").write_text("")  # an empty document is skipped: no lone <|endoftext|>
+    prepare([tmp_path / "empty.txt", tmp_path / "book.txt"], tmp_path / "out", val_fraction=0.0)
+    assert split_tokens(tmp_path / "out", "train").tolist() == expected_tokens([load_verdict()])
 
 
 def test_a_manifest_from_another_tokenizer_is_refused(prepared, tmp_path):
