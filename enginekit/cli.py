@@ -3,6 +3,7 @@
 enginekit plugins                     built-in and installed plugins, origin, hooks
 enginekit hooks                       the hook protocol, in firing order
 enginekit hooks lr_warmup grad_clip   ...and the order those plugins are called per hook
+enginekit prepare SOURCES... --out DIR  tokenize your own text into a corpus to train on
 """
 
 from __future__ import annotations
@@ -102,8 +103,93 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .corpus import CorpusError, prepare_corpus
+    from .files import FolderBusyError
+
+    try:
+        manifest = prepare_corpus(
+            args.sources,
+            args.out,
+            field=args.field,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            errors=args.errors,
+            shard_tokens=args.shard_tokens,
+            workers=args.workers,
+            progress=not args.quiet,
+        )
+    except (CorpusError, FolderBusyError) as exc:
+        print(f"enginekit prepare: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"enginekit prepare: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    splits = manifest["splits"]
+    print(
+        f"{args.out}: train {splits['train']['tokens']:,} tokens ({splits['train']['documents']:,} documents, "
+        f"{len(splits['train']['shards'])} shard(s)), val {splits['val']['tokens']:,} tokens "
+        f"({splits['val']['documents']:,} documents); train on it: "
+        f"python examples/pretrain_verdict.py --data {args.out}"
+    )
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _add_prepare(sub: Any) -> None:
+    from .corpus import DEFAULT_SHARD_TOKENS
+
+    prep = sub.add_parser(
+        "prepare",
+        help="tokenize text files, folders, globs, .jsonl and .gz into token shards to train on",
+        description="Tokenize SOURCES with the bundled GPT-2 tokenizer into DIR (token shards + manifest.json), "
+        "ready for examples/pretrain_verdict.py --data DIR. A text file is one document, a .jsonl line is one "
+        "document; each ends with <|endoftext|>. Rerunning on an unfinished DIR starts over.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    prep.add_argument(
+        "sources", nargs="+", help="files, folders (recursive: .txt .text .md .rst .jsonl, also .gz), globs"
+    )
+    prep.add_argument("--out", required=True, type=str, help="folder for the shards (new, empty, or unfinished)")
+    prep.add_argument("--field", default="text", help="the text field of .jsonl records")
+    prep.add_argument(
+        "--val-fraction", type=_fraction, default=0.1, help="chance a document goes to validation (0: none)"
+    )
+    prep.add_argument("--seed", type=int, default=0, help="seed of the validation draws")
+    prep.add_argument(
+        "--errors", choices=["strict", "replace"], default="strict", help="bytes that are not UTF-8: stop, or U+FFFD"
+    )
+    prep.add_argument("--shard-tokens", type=_positive_int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    prep.add_argument(
+        "--workers", type=_positive_int, default=None, help="tokenizer processes (default: every CPU available)"
+    )
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=cmd_prepare)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="enginekit", description="Inspect enginekit's plugins and hooks.")
+    parser = argparse.ArgumentParser(
+        prog="enginekit", description="Inspect enginekit's plugins and hooks; prepare a corpus of your own text."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "plugins", help="list built-in and installed plugins, where each comes from, its hooks"
@@ -111,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     hooks = sub.add_parser("hooks", help="the hook protocol; with plugin names, the call order per hook")
     hooks.add_argument("plugins", nargs="*", help="plugin names in registration order (built-in or installed)")
     hooks.set_defaults(func=cmd_hooks)
+    _add_prepare(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

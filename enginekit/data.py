@@ -1,5 +1,8 @@
 """Offline GPT-2 tokenizer, the book's sliding-window dataset and loaders, and the bundled corpus.
 
+Your own text: :func:`prepare_corpus` tokenizes it into shards once, :func:`corpus_loaders`
+trains on them memory-mapped (both from :mod:`enginekit.corpus`, re-exported here).
+
 Everything here works without network access: the tokenizer's vocabulary and the story ship
 inside the package (``enginekit/_data``, attribution in ``_data/ATTRIBUTION.md``).
 """
@@ -18,6 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
     "GPTDataset",
+    "TokenDataset",
+    "TokenLoader",
+    "corpus_loaders",
+    "prepare_corpus",
     "create_dataloader",
     "gpt2_tokenizer",
     "load_verdict",
@@ -172,3 +179,7 @@ def verdict_loaders(
     train = create_dataloader(text[:split], shuffle=True, drop_last=True, **common)
     val = create_dataloader(text[split:], shuffle=False, drop_last=False, **common)
     return train, val
+
+
+# at the end: enginekit.corpus imports this module's tokenizer lazily, so either may be imported first
+from .corpus import TokenDataset, TokenLoader, corpus_loaders, prepare_corpus  # noqa: E402

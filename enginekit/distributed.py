@@ -88,7 +88,9 @@ class Distributed:
             self._owns_process_group = True
         state.rank, state.world_size = dist.get_rank(), dist.get_world_size()
         loader = train_loader
-        if not isinstance(loader, DataLoader) or not isinstance(loader.sampler, DistributedSampler):
+        if _shards_itself(loader, state):
+            pass  # e.g. enginekit.corpus.TokenLoader: built for this rank and world size
+        elif not isinstance(loader, DataLoader) or not isinstance(loader.sampler, DistributedSampler):
             # one shuffle seed for all ranks, or their shards would overlap
             seed = torch.tensor([torch.initial_seed() % 2**31], device=self.device)
             dist.broadcast(seed, src=0)
@@ -207,7 +209,20 @@ def shard_loader(loader: Any, rank: int, world_size: int, seed: int) -> DataLoad
     )
 
 
+def _shards_itself(loader: Any, state: TrainState) -> bool:
+    """A loader with ``rank``/``world_size`` attributes and ``set_epoch`` shards itself; a wrong rank is refused."""
+    if not (hasattr(loader, "rank") and hasattr(loader, "world_size") and hasattr(loader, "set_epoch")):
+        return False
+    if (loader.rank, loader.world_size) != (state.rank, state.world_size):
+        raise ValueError(
+            f"train_loader is built for rank {loader.rank} of {loader.world_size}, but this process is rank "
+            f"{state.rank} of {state.world_size}; build it under torchrun with rank=None and world_size=None"
+        )
+    return True
+
+
 def set_sampler_epoch(loader: Iterable[Any], epoch: int) -> None:
-    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
-    if callable(set_epoch):
-        set_epoch(epoch)
+    """Tell the epoch to a loader that shards or shuffles by it (its own ``set_epoch``, or its sampler's)."""
+    target: Any = loader if hasattr(loader, "set_epoch") else getattr(loader, "sampler", None)
+    if callable(getattr(target, "set_epoch", None)):
+        target.set_epoch(epoch)

@@ -30,7 +30,7 @@ from .nonfinite import NonFinitePolicy
 from .plan import LRScales, plugin_on_stack
 from .precision import Precision
 from .registry import Registry
-from .resume import DataPosition, engine_state_dict, load_engine_state
+from .resume import DataPosition, engine_state_dict, load_engine_state, loader_state
 from .signals import StopSignals
 from .state import TrainState, capture_rng
 
@@ -432,6 +432,7 @@ class Engine:
     def state_dict(self) -> dict[str, Any]:
         """Where the run stands, as tensors and plain values: counters, RNGs, scaler, data position,
         the metrics channel. Call it at a save point (between steps)."""
+        loader = loader_state(self.train_loader)  # a loader that keeps its own position: stored, not replayed
         return engine_state_dict(
             self.state,
             self._position,
@@ -439,6 +440,7 @@ class Engine:
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             metrics=self.metrics.state_dict(),
             lr_scales=self.lr_scales.state_dict(),
+            **({} if loader is None else {"loader": self._dist.gather(loader, self.state.world_size)}),
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

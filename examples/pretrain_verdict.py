@@ -9,6 +9,7 @@ batch, a greedy sample after each epoch, a checkpoint after each epoch.
     python examples/pretrain_verdict.py --model tiny --epochs 2 --out runs/tiny
     python examples/pretrain_verdict.py --resume             # continue after an interruption
     python examples/pretrain_verdict.py --init gpt2 --export runs/verdict/hf   # from GPT-2's weights, out to HF
+    enginekit prepare my_texts/ --out corpus/ && python examples/pretrain_verdict.py --data corpus/ --max-steps 5000
     torchrun --standalone --nproc_per_node=2 examples/pretrain_verdict.py --model tiny
 
 Exit status: 0 done; 1 a training error (bad setting found at fit time, plugin failure,
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from enginekit import Engine, NonFiniteLossError, TrainingInterrupted, describe_error, plugin_failure
-from enginekit.data import verdict_loaders
+from enginekit.data import corpus_loaders, verdict_loaders
 from enginekit.fast import FAST, adamw, allow_tf32
 from enginekit.gpt import (
     GPT_CONFIG_124M,
@@ -116,7 +117,7 @@ def plugin_spec(text: str) -> tuple[str, dict[str, object]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Pretrain GPT on The Verdict with enginekit (appendix D of the book).",
+        description="Pretrain GPT on The Verdict (or your own text, --data) with enginekit (appendix D of the book).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("run")
@@ -138,8 +139,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the story's validation part holds about 500 tokens, too few for GPT-2's 1024)",
     )
     g.add_argument("--export", type=Path, default=None, help="at the end, also write a Hugging Face GPT-2 folder here")
-    g.add_argument("--epochs", type=count(), default=15, help="passes over the training text")
-    g.add_argument("--max-steps", type=count(), default=None, help="stop after this many optimizer steps")
+    g.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="train on a corpus made by `enginekit prepare SOURCES --out DIR` (its validation split for "
+        "evaluation) instead of the bundled story; default: The Verdict, exactly as the book",
+    )
+    g.add_argument(
+        "--epochs",
+        type=count(),
+        default=15,
+        help="passes over the training text: right for The Verdict (9 steps each); a big --data corpus has "
+        "millions of steps per epoch, so give --max-steps there (the run ends at whichever comes first, and "
+        "warmup and cosine plan against that length)",
+    )
+    g.add_argument(
+        "--max-steps",
+        type=count(),
+        default=None,
+        help="stop after this many optimizer steps (the unit for big corpora)",
+    )
     g.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps")
     g.add_argument(
         "--precision",
@@ -340,6 +361,13 @@ def run(argv: list[str] | None = None) -> int:
         unlock_folder(args.out)
 
 
+def data_loaders(args: argparse.Namespace, cfg: dict, pin_memory: bool = False) -> tuple:
+    """The bundled story (the book's loaders, shuffled by torch's global RNG), or a prepared --data corpus."""
+    if args.data is None:
+        return verdict_loaders(batch_size=args.batch_size, context_length=cfg["context_length"], pin_memory=pin_memory)
+    return corpus_loaders(args.data, args.batch_size, cfg["context_length"], seed=args.seed, pin_memory=pin_memory)
+
+
 def train(args: argparse.Namespace) -> int:
     cfg = CONFIGS[args.model]
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -361,7 +389,7 @@ def train(args: argparse.Namespace) -> int:
     elif args.context_length is not None:
         cfg = {**cfg, "context_length": args.context_length}
     try:
-        train_loader, val_loader = verdict_loaders(batch_size=args.batch_size, context_length=cfg["context_length"])
+        train_loader, val_loader = data_loaders(args, cfg)
         steps_per_epoch = -(-len(train_loader) // args.grad_accum)
         if args.plot_lr:
             return plot_schedule(args, steps_per_epoch)
@@ -378,9 +406,7 @@ def train(args: argparse.Namespace) -> int:
             model.parameters(), lr=args.peak_lr, weight_decay=args.weight_decay, implementation=implementation
         )
         if device.type == "cuda":
-            train_loader, val_loader = verdict_loaders(
-                batch_size=args.batch_size, context_length=cfg["context_length"], pin_memory=True
-            )
+            train_loader, val_loader = data_loaders(args, cfg, pin_memory=True)
         engine = Engine(
             model,
             optimizer,

@@ -1,0 +1,552 @@
+"""Corpus: preparation (sources, shards, manifest, crash safety, bad input) and the memory-mapped loader."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from enginekit import corpus
+from enginekit.cli import main as cli
+from enginekit.corpus import CorpusError, IndexPermutation, TokenDataset, TokenLoader, corpus_loaders
+from enginekit.data import gpt2_tokenizer, load_verdict, prepare_corpus
+
+from conftest import ROOT, TINY_CFG
+
+ENC = gpt2_tokenizer()
+EOT = ENC.eot_token
+WORDS = load_verdict().split()
+
+
+def make_docs(n: int, words: int = 60, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(words // 6)]
+        docs.append("\n".join(lines) + rng.choice(["", "\n", "\n\n", "  \n"]))
+    return docs
+
+
+def write_docs(folder: Path, docs: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, doc in enumerate(docs):
+        path = folder / f"doc{i:03d}.txt"
+        path.write_text(doc, encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def expected_tokens(docs: list[str]) -> list[int]:
+    return [t for doc in docs for t in [*ENC.encode_ordinary(doc), EOT]]
+
+
+def split_tokens(folder: Path, split: str) -> np.ndarray:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shards = manifest["splits"][split]["shards"]
+    arrays = [np.fromfile(folder / s["file"], dtype=manifest["dtype"]) for s in shards]
+    return np.concatenate(arrays) if arrays else np.array([], dtype=manifest["dtype"])
+
+
+def prepare(sources, out: Path, **kwargs):
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("workers", 1)
+    return prepare_corpus(sources, out, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A small corpus: 40 documents, small shards so windows cross shard boundaries."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_docs(root / "src", make_docs(40, words=120))
+    prepare([root / "src"], root / "out", shard_tokens=997, val_fraction=0.2, seed=1)
+    return root / "out"
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+
+
+def test_every_kind_of_source_gives_each_documents_tokens_then_endoftext(tmp_path):
+    docs = make_docs(9)
+    write_docs(tmp_path / "folder" / "sub", docs[:3])  # a folder, walked recursively
+    (tmp_path / "folder" / "image.png").write_bytes(b"\x89PNG\xff\xfe")  # not a text suffix: skipped
+    (tmp_path / "a.txt").write_text(docs[3])
+    with gzip.open(tmp_path / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(docs[4])
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs[5:7])))
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"body": docs[7]}) + "\n\n")
+    write_docs(tmp_path / "globbed", docs[8:])
+    sources = [tmp_path / "folder", tmp_path / "a.txt", tmp_path / "b.txt.gz", tmp_path / "c.jsonl"]
+    sources += [tmp_path / "d.jsonl.gz", str(tmp_path / "glob*" / "*.txt")]
+    manifest = prepare(sources, tmp_path / "out", field="body", val_fraction=0.0, shard_tokens=50)
+    tokens = split_tokens(tmp_path / "out", "train")
+    assert tokens.dtype == np.uint16
+    assert tokens.tolist() == expected_tokens(docs)
+    train = manifest["splits"]["train"]
+    assert train["documents"] == 9 and train["tokens"] == len(tokens)
+    assert [s["tokens"] for s in train["shards"][:-1]] == [50] * (len(train["shards"]) - 1)  # fixed-size shards
+    for shard in train["shards"]:
+        assert hashlib.sha256((tmp_path / "out" / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert manifest["tokenizer"]["encoder_json_sha256"] == corpus.tokenizer_identity()["encoder_json_sha256"]
+
+
+def test_a_literal_endoftext_inside_a_document_is_text_not_a_separator(tmp_path):
+    (tmp_path / "a.txt").write_text("one <|endoftext|> two")
+    prepare([tmp_path / "a.txt"], tmp_path / "out", val_fraction=0.0)
+    tokens = split_tokens(tmp_path / "out", "train").tolist()
+    assert tokens.count(EOT) == 1 and tokens[-1] == EOT
+
+
+def test_long_documents_are_cut_where_the_tokens_do_not_change(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "_PIECE_CHARS", 64)  # cut every ~64 characters
+    monkeypatch.setattr(corpus, "_READ_BYTES", 50)
+    text = load_verdict()[:6000] + "\n  spaced\t\n\n\nwords  \n x\n\ny \n"
+    (tmp_path / "a.txt").write_text(text)
+    prepare([tmp_path / "a.txt"], tmp_path / "out", val_fraction=0.0)
+    assert split_tokens(tmp_path / "out", "train").tolist() == [*ENC.encode_ordinary(text), EOT]
+
+
+def test_processes_give_the_same_shards_as_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "_PIECE_CHARS", 500)  # many tasks in flight
+    write_docs(tmp_path / "src", make_docs(30))
+    one = prepare([tmp_path / "src"], tmp_path / "one", shard_tokens=300, workers=1)
+    two = prepare([tmp_path / "src"], tmp_path / "two", shard_tokens=300, workers=2)
+    assert one["splits"] == two["splits"]
+
+
+def test_the_validation_split_is_by_documents_and_seeded(tmp_path):
+    docs = make_docs(30)
+    write_docs(tmp_path / "src", docs)
+    a = prepare([tmp_path / "src"], tmp_path / "a", val_fraction=0.3, seed=5)
+    b = prepare([tmp_path / "src"], tmp_path / "b", val_fraction=0.3, seed=5)
+    c = prepare([tmp_path / "src"], tmp_path / "c", val_fraction=0.3, seed=6)
+    assert a["splits"] == b["splits"] and a["splits"] != c["splits"]
+    assert a["splits"]["train"]["documents"] + a["splits"]["val"]["documents"] == 30
+    # each document lands whole in one split, in order: the splits are the documents, partitioned
+    draws = np.random.default_rng(5).random(30) < 0.3
+    for split, chosen in (("val", draws), ("train", ~draws)):
+        kept = [d for d, pick in zip(docs, chosen) if pick]
+        assert split_tokens(tmp_path / "a", split).tolist() == expected_tokens(kept)
+
+
+def test_the_same_preparation_again_is_a_no_op_and_another_is_refused(tmp_path, capsys):
+    write_docs(tmp_path / "src", make_docs(10))
+    assert cli(["prepare", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--quiet", "--workers", "1"]) == 0
+    said = capsys.readouterr().out
+    first = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert f"train {first['splits']['train']['tokens']:,} tokens" in said and "--data " in said
+    stamp = (tmp_path / "out" / "manifest.json").stat().st_mtime_ns
+    assert prepare([tmp_path / "src"], tmp_path / "out") == first
+    assert (tmp_path / "out" / "manifest.json").stat().st_mtime_ns == stamp
+    with pytest.raises(CorpusError, match=r"already holds another corpus \(seed is 0 there, 9 now\)"):
+        prepare([tmp_path / "src"], tmp_path / "out", seed=9)
+    (tmp_path / "src" / "doc003.txt").write_text("changed")
+    with pytest.raises(CorpusError, match=r"its sources differ \(.*doc003.txt: changed size\)"):
+        prepare([tmp_path / "src"], tmp_path / "out")
+    assert cli(["prepare", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds another corpus" in err
+    assert (tmp_path / "out" / "manifest.json").stat().st_mtime_ns == stamp  # nothing touched
+
+
+def test_an_out_folder_with_other_files_is_refused(tmp_path):
+    write_docs(tmp_path / "src", make_docs(4))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(CorpusError, match="holds files that are not a corpus \\(notes.txt\\)"):
+        prepare([tmp_path / "src"], tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_an_interrupted_preparation_vouches_for_nothing_and_a_rerun_starts_over(tmp_path, monkeypatch):
+    write_docs(tmp_path / "src", make_docs(20))
+    clean = prepare([tmp_path / "src"], tmp_path / "clean", shard_tokens=200)
+    real_write, written = corpus._ShardWriter._write, []
+
+    def crash_after_two(self, ids):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(1)
+        real_write(self, ids)
+
+    monkeypatch.setattr(corpus._ShardWriter, "_write", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([tmp_path / "src"], tmp_path / "out", shard_tokens=200)
+    monkeypatch.setattr(corpus._ShardWriter, "_write", real_write)
+    assert not (tmp_path / "out" / "manifest.json").exists() and len(list((tmp_path / "out").glob("*.bin"))) == 2
+    with pytest.raises(CorpusError, match="no manifest.json \\(an unfinished preparation: run enginekit prepare again"):
+        TokenDataset(tmp_path / "out", "train", 16)
+    (tmp_path / "out" / "train-000099.bin").write_bytes(b"stale")  # from some older attempt
+    again = prepare([tmp_path / "src"], tmp_path / "out", shard_tokens=200)
+    assert again["splits"] == clean["splits"]
+    names = {s["file"] for split in again["splits"].values() for s in split["shards"]}
+    assert {p.name for p in (tmp_path / "out").glob("*.bin")} == names  # nothing of the crashed run is left
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_a_file_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(corpus, "_READ_BYTES", 64)  # the bad byte lies in a later read block
+    good = "é" * 100  # two bytes each
+    (tmp_path / "bad.txt").write_bytes(good.encode() + b"ok\xffrest")
+    with pytest.raises(CorpusError, match=r"bad.txt: not UTF-8 at byte offset 202 \(byte 0xff\); .*--errors replace"):
+        prepare([tmp_path / "bad.txt"], tmp_path / "out", val_fraction=0.0)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    code = cli(["prepare", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o2"), "--quiet", "--val-fraction", "0"])
+    assert code == 1 and capsys.readouterr().err.count("\n") == 1
+    prepare([tmp_path / "bad.txt"], tmp_path / "out", val_fraction=0.0, errors="replace")
+    assert split_tokens(tmp_path / "out", "train").tolist() == [*ENC.encode_ordinary(good + "ok\ufffdrest"), EOT]
+
+
+def test_a_jsonl_line_that_is_not_utf8_or_lacks_the_field_is_named(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "bad \xc3"}\n')
+    with pytest.raises(CorpusError, match=r"a.jsonl: not UTF-8 at byte offset 31 \(byte 0xc3\)"):
+        prepare([tmp_path / "a.jsonl"], tmp_path / "out", val_fraction=0.0)
+    (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"content": "x", "id": 1}\n')
+    with pytest.raises(CorpusError, match=r"b.jsonl:2: no field 'text' \(it has: content, id\); pass --field"):
+        prepare([tmp_path / "b.jsonl"], tmp_path / "out", val_fraction=0.0)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: (d / "e.txt").write_text(""), "the corpus is empty: 1 file"),
+        (lambda d: (d / "sub").mkdir() or (d / "sub" / "x.bin").write_bytes(b"\0"), "folder .* holds no text files"),
+        (lambda d: None, "does not exist"),
+    ],
+    ids=["empty", "folder-without-text", "missing"],
+)
+def test_no_text_is_one_clear_error_and_writes_nothing(tmp_path, make, match):
+    make(tmp_path)
+    source = tmp_path / ("e.txt" if (tmp_path / "e.txt").exists() else "sub")
+    with pytest.raises(CorpusError, match=match):
+        prepare([source], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_document_cannot_give_a_validation_split(tmp_path):
+    (tmp_path / "book.txt").write_text(load_verdict())
+    (tmp_path / "out").mkdir()  # a folder the user made stays, empty
+    with pytest.raises(CorpusError, match="the validation split is empty: none of the 1 document"):
+        prepare([tmp_path / "book.txt"], tmp_path / "out", val_fraction=0.1)
+    assert list((tmp_path / "out").iterdir()) == []
+    (tmp_path / "empty.txt").write_text("")  # an empty document is skipped: no lone <|endoftext|>
+    prepare([tmp_path / "empty.txt", tmp_path / "book.txt"], tmp_path / "out", val_fraction=0.0)
+    assert split_tokens(tmp_path / "out", "train").tolist() == expected_tokens([load_verdict()])
+
+
+def test_a_manifest_from_another_tokenizer_is_refused(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tokenizer"]["encoder_json_sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorpusError, match="tokenized with another tokenizer .* prepare it again"):
+        TokenDataset(copy, "train", 16)
+
+
+def test_a_damaged_shard_is_found_on_load_and_checked_hashes_are_remembered(prepared, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    (copy / ".verified.json").unlink(missing_ok=True)
+    hashed = []
+    real = corpus._sha256_file
+    monkeypatch.setattr(corpus, "_sha256_file", lambda p: hashed.append(p.name) or real(p))
+    TokenDataset(copy, "train", 16)
+    n_shards = len(json.loads((copy / "manifest.json").read_text())["splits"]["train"]["shards"])
+    assert len(hashed) == n_shards
+    TokenDataset(copy, "train", 16)
+    assert len(hashed) == n_shards  # verified once: size and mtime unchanged, no hashing again
+    shard = copy / "train-000001.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF  # same size, one byte flipped: a new mtime, so it is hashed again
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorpusError, match="shard train-000001.bin does not match its sha256 in manifest.json"):
+        TokenDataset(copy, "train", 16)
+    TokenDataset(copy, "train", 16, verify="size")  # the documented opt-out checks sizes only
+    shard.write_bytes(bytes(data[:-2]))
+    with pytest.raises(CorpusError, match="train-000001.bin has .* bytes, the manifest says"):
+        TokenDataset(copy, "train", 16, verify="size")
+
+
+def test_a_context_longer_than_the_validation_split_is_refused(prepared):
+    val_tokens = json.loads((prepared / "manifest.json").read_text())["splits"]["val"]["tokens"]
+    with pytest.raises(CorpusError, match=f"the val split has {val_tokens} tokens .* needs {val_tokens + 1}"):
+        corpus_loaders(prepared, 2, context_length=val_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("access", ["pread", "mmap"])
+@pytest.mark.parametrize("stride", [16, 5, 23])
+def test_windows_follow_the_books_stride_across_shard_boundaries(prepared, stride, access):
+    ids = torch.from_numpy(split_tokens(prepared, "train").astype(np.int64))
+    ds = TokenDataset(prepared, "train", 16, stride, access=access)
+    starts = range(0, len(ids) - 16, stride)  # GPTDatasetV1's windows
+    assert len(ds) == len(starts)
+    for i in [0, 1, len(starts) // 2, len(starts) - 1, *range(55, 70)]:  # 997-token shards: crossings
+        x, y = ds[i]
+        assert torch.equal(x, ids[starts[i] : starts[i] + 16]) and torch.equal(y, ids[starts[i] + 1 : starts[i] + 17])
+    x, y = ds.batch([3, 0])
+    assert x.shape == (2, 16) and x.dtype == torch.int64 and torch.equal(x[1], ds[0][0])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 1025])
+def test_the_permutation_is_a_seeded_bijection(n):
+    perm = [IndexPermutation(n, seed=3)(i) for i in range(n)]
+    assert sorted(perm) == list(range(n))
+    assert perm == [IndexPermutation(n, seed=3)(i) for i in range(n)]
+    if n >= 64:
+        assert perm != [IndexPermutation(n, seed=4)(i) for i in range(n)]
+        assert perm != [IndexPermutation(n, seed=3, epoch=1)(i) for i in range(n)]
+        assert perm != list(range(n))
+
+
+def windows_seen(loader: TokenLoader, epoch: int) -> list[int]:
+    return [w for b in range(len(loader)) for w in loader.windows_of_batch(epoch, b)]
+
+
+def test_an_epoch_visits_every_window_once_in_a_seeded_order_that_changes_per_epoch(prepared):
+    ds = TokenDataset(prepared, "train", 16)
+    loader = TokenLoader(ds, 3, seed=11, drop_last=False)
+    first = windows_seen(loader, 0)
+    assert sorted(first) == list(range(len(ds)))
+    assert first == windows_seen(TokenLoader(ds, 3, seed=11, drop_last=False), 0)
+    assert first != windows_seen(loader, 1) and sorted(windows_seen(loader, 1)) == sorted(first)
+    batches = list(loader)  # iterating delivers exactly those windows
+    assert torch.equal(torch.cat([x for x, _ in batches]), ds.batch(first)[0])
+    assert loader.state_dict()["epoch"] == 1  # an exhausted epoch moves on
+    assert torch.equal(next(iter(loader))[0], ds.batch(windows_seen(loader, 1)[:3])[0])
+
+
+def test_the_validation_loader_starts_from_its_first_batch_every_time(prepared):
+    _, val = corpus_loaders(prepared, 2, 16)
+    first = next(iter(val))[0]
+    assert torch.equal(next(iter(val))[0], first) and torch.equal(next(iter(val))[0], first)
+
+
+def test_two_workers_deliver_the_same_batches_in_the_same_order_as_none(prepared):
+    ds = TokenDataset(prepared, "train", 16)
+    plain = [x for x, _ in TokenLoader(ds, 2, seed=4)]
+    workers = TokenLoader(ds, 2, seed=4, num_workers=2)
+    parallel = [x for x, _ in workers]
+    assert len(parallel) == len(plain) and all(torch.equal(a, b) for a, b in zip(plain, parallel))
+    # the position counts batches handed over, not the ones the workers fetched ahead
+    it = iter(workers)
+    for _ in range(5):
+        next(it)
+    assert workers.state_dict()["position"] == 5
+    del it
+
+
+def test_ranks_get_disjoint_shards_that_cover_the_data(prepared):
+    ds = TokenDataset(prepared, "train", 16)
+    world = 3
+    loaders = [TokenLoader(ds, 2, seed=9, rank=r, world_size=world, drop_last=False) for r in range(world)]
+    seen = [windows_seen(loader, 0) for loader in loaders]
+    assert len({len(s) for s in seen}) == 1  # equal steps on every rank
+    flat = [w for s in seen for w in s]
+    assert len(flat) == len(set(flat)) == len(ds) - len(ds) % world  # disjoint; all but a tail < world
+
+
+def test_a_resume_from_state_dict_equals_continuing_and_fetches_nothing_it_skips(prepared, monkeypatch):
+    ds = TokenDataset(prepared, "train", 16)
+    loader = TokenLoader(ds, 2, seed=4)
+    it = iter(loader)
+    for _ in range(7):
+        next(it)
+    state = loader.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 7)
+    rest = [x for x, _ in it]
+    fetched = []
+    real = TokenDataset.batch
+    monkeypatch.setattr(TokenDataset, "batch", lambda self, idx: fetched.append(idx) or real(self, idx))
+    fresh = TokenLoader(TokenDataset(prepared, "train", 16), 2, seed=4)
+    fresh.load_state_dict(state)
+    resumed = iter(fresh)
+    assert torch.equal(next(resumed)[0], rest[0]) and len(fetched) == 1  # O(1): no replay of the 7
+    assert all(torch.equal(a, b[0]) for a, b in zip(rest[1:], resumed))
+    # deep into a big epoch: a position of 10**6 costs the same
+    big = IndexPermutation(10**9, seed=1)
+    assert 0 <= big(10**6) < 10**9
+    with pytest.raises(CorpusError, match="loader state is for batch_size=2, this loader has batch_size=4"):
+        TokenLoader(ds, 4, seed=4).load_state_dict(state)
+
+
+def test_the_engine_stores_the_loaders_own_position_and_restores_it_without_replay(prepared, monkeypatch):
+    from enginekit import Engine
+    from enginekit.gpt import GPTModel
+
+    def engine():
+        torch.manual_seed(0)
+        train, val = corpus_loaders(prepared, 2, 16, seed=3)
+        model = GPTModel({**TINY_CFG, "drop_rate": 0.0})
+        return Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), train, val, device="cpu")
+
+    reference = engine()
+    reference.fit(max_steps=10)
+    first = engine()
+    first.fit(max_steps=6)
+    state = first.state_dict()
+    assert state["loader"][0]["position"] == 6 and state["loader"][0]["epoch"] == 0
+    weights = {k: v.clone() for k, v in first.model.state_dict().items()}
+    opt = first.optimizer.state_dict()
+    fetched = []
+    real = TokenDataset.batch
+    monkeypatch.setattr(TokenDataset, "batch", lambda self, idx: fetched.append(idx) or real(self, idx))
+    second = engine()
+    second.model.load_state_dict(weights)
+    second.optimizer.load_state_dict(opt)
+    second.load_state_dict(state)
+    second.fit(max_steps=10)
+    assert len(fetched) == 4  # the 4 remaining steps' batches, none of the 6 done
+    for a, b in zip(second.model.parameters(), reference.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_loader_position_offered_to_a_plain_dataloader_is_a_clear_error(prepared):
+    from enginekit import Engine
+    from enginekit.data import create_dataloader
+
+    model = torch.nn.Sequential(torch.nn.Embedding(50257, 4), torch.nn.Linear(4, 50257))
+    train, _ = corpus_loaders(prepared, 2, 16)
+    first = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), train, device="cpu")
+    first.fit(max_steps=3)
+    plain = create_dataloader(load_verdict(), batch_size=2, max_length=16, stride=16)
+    second = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), plain, device="cpu")
+    second.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match=r"holds the training loader's own position .* \(DataLoader\) has none"):
+        second.fit(max_steps=5)
+
+
+def test_sigterm_mid_epoch_then_resume_ends_bit_identical_to_the_uninterrupted_run(tmp_path):
+    job = ROOT / "tests" / "corpus_job.py"
+    write_docs(tmp_path / "src", make_docs(25, words=12, seed=2))
+    prepared = tmp_path / "corpus"
+    prepare([tmp_path / "src"], prepared, shard_tokens=97, val_fraction=0.2, seed=1)  # 16 steps per epoch
+
+    def run(out: Path, *flags: str) -> int:
+        proc = subprocess.run(
+            [sys.executable, str(job), str(prepared), str(out), *flags], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode in (0, 143), proc.stderr
+        return proc.returncode
+
+    assert run(tmp_path / "whole") == 0
+    whole = torch.load(tmp_path / "whole" / "result.pt", weights_only=True)
+    term_at = whole["steps_per_epoch"] + 3  # mid second epoch
+    assert run(tmp_path / "cut", "--term-at", str(term_at)) == 128 + signal.SIGTERM
+    assert not (tmp_path / "cut" / "result.pt").exists()
+    assert run(tmp_path / "cut", "--resume", "--workers", "2") == 0  # workers do not change the order
+    cut = torch.load(tmp_path / "cut" / "result.pt", weights_only=True)
+    assert cut["steps"] == whole["steps"] == 2 * whole["steps_per_epoch"]
+    for key, value in whole["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
+    assert cut["train_losses"] == whole["train_losses"] and cut["val_losses"] == whole["val_losses"]
+    metrics = "metrics/metrics.jsonl"
+    assert (tmp_path / "cut" / metrics).read_text() == (tmp_path / "whole" / metrics).read_text()
+    # the data order: the cut run's steps, then the resumed run's, are the uninterrupted run's steps
+    assert (tmp_path / "cut" / "order.txt").read_text() == (tmp_path / "whole" / "order.txt").read_text()
+
+
+def test_under_torchrun_each_ranks_position_is_saved_and_restored_nothing_repeated_or_skipped(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs gloo")
+    write_docs(tmp_path / "src", make_docs(25, words=12, seed=2))
+    prepared = tmp_path / "corpus"
+    prepare([tmp_path / "src"], prepared, shard_tokens=97, val_fraction=0.2, seed=1)
+    job = ROOT / "tests" / "corpus_job.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(job)]
+    out = tmp_path / "run"
+    cut = subprocess.run(
+        [*cmd, str(prepared), str(out), "--term-at", "11"], capture_output=True, text=True, timeout=300
+    )
+    assert cut.returncode != 0 and not (out / "result.pt").exists()
+    engine_state = torch.load(out / "checkpoints" / "ckpt-00000012.pt", weights_only=True)["engine"]
+    assert [s["rank"] for s in engine_state["loader"]] == [0, 1]  # each rank's own position
+    assert [s["position"] for s in engine_state["loader"]] == [4, 4]  # 8 steps per epoch: mid second epoch
+    done = subprocess.run([*cmd, str(prepared), str(out), "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ds = TokenDataset(prepared, "train", TINY_CFG["context_length"])
+    for rank in (0, 1):
+        loader = TokenLoader(ds, 2, seed=7, rank=rank, world_size=2)
+        expected = []
+        for step in range(2 * len(loader)):
+            x = ds.batch(loader.windows_of_batch(step // len(loader), step % len(loader)))[0]
+            expected.append(f"{step} {hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16]}")
+        assert (out / f"order-rank{rank}.txt").read_text().splitlines() == expected
+
+
+# ---------------------------------------------------------------------------------------------- the main job
+
+
+def _example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_verdict_corpus", ROOT / "examples" / "pretrain_verdict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_main_job_trains_on_a_prepared_folder_and_evaluates_on_its_validation_split(prepared, tmp_path, capsys):
+    example = _example()
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--data", str(prepared), "--max-steps", "5", "--eval-freq", "2", "--out", str(out)]
+    assert example.main([*args, "--no-sample", "--no-progress", "--no-checkpoint"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert rows[-1]["tokens_seen"] == 5 * 2 * 64  # batch 2 x context 64 per step, steps 0..4
+    # the last evaluation (after the last step) is the final weights' loss on the validation split's first batch
+    from enginekit.gpt import GPTModel
+
+    model = GPTModel(example.CONFIGS["tiny"]).eval()
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    _, val = corpus_loaders(prepared, 2, 64)
+    with torch.no_grad():
+        x, y = next(iter(val))
+        expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert rows[-1]["val_loss"] == pytest.approx(expected, rel=1e-6)
+    capsys.readouterr()
+    assert example.main(["--model", "tiny", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a prepared corpus: it has no manifest.json" in err
+
+
+def test_the_main_jobs_help_says_when_to_use_max_steps_instead_of_epochs(capsys):
+    with pytest.raises(SystemExit):
+        _example().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--data DIR" in text and "enginekit prepare SOURCES --out DIR" in text
+    assert "millions of steps per epoch, so give --max-steps there" in text
+
+
+def test_the_docs_python_blocks_run():
+    import re
+
+    text = (ROOT / "docs" / "corpus.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for block in blocks:
+        exec(block, {})
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own text") :]
+    assert "enginekit prepare my_texts/ --out corpus/" in section and "--data corpus/" in section
