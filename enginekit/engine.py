@@ -146,7 +146,8 @@ class Engine:
     def fit(self, epochs: int | None = None, max_steps: int | None = None) -> TrainState:
         """Train for ``epochs`` epochs (default 1) or ``max_steps`` optimizer steps, whichever ends first."""
         st = self.state
-        self.train_loader = self._dist.setup(self.model, self.train_loader, st, self.optimizer)  # again after a previous fit
+        # again after a previous fit
+        self.train_loader = self._dist.setup(self.model, self.train_loader, st, self.optimizer)
         try:
             self._plan(epochs, max_steps)
             with self._signals.installed():

@@ -324,7 +324,7 @@ class Checkpoint:
     def before_fit(self, engine: Engine) -> Generator[None, Any, Any]:
         if engine.strategy == "fsdp" and engine.state.world_size > 1:  # DTensor shards: rank 0 alone cannot save them
             raise CheckpointError(
-                "Checkpoint: strategy='fsdp' cannot be checkpointed yet (sharded state needs the DCP backend, next); "
+                "strategy='fsdp' cannot be checkpointed yet (sharded state needs the DCP backend, next); "
                 "run without Checkpoint (--no-checkpoint)"
             )
         busy = None
