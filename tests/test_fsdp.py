@@ -190,3 +190,46 @@ def _compiled(model: torch.nn.Module) -> torch.nn.Module:
     wrapper = torch.nn.Module()
     wrapper._orig_mod = model  # what torch.compile's OptimizedModule holds
     return wrapper
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo group of one process, so ``shard`` can be checked in this process."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@gloo
+def test_shard_makes_units_points_the_optimizer_at_the_shards_and_casts_for_bf16(one_rank_group):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from enginekit.fsdp import shard
+
+    torch.manual_seed(0)
+    model = GPTModel({**TINY_CFG, "drop_rate": 0.0})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    shard(model, optimizer, torch.device("cpu"), torch.bfloat16)
+    assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.trf_blocks)
+    params = list(model.parameters())
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in params)  # fp32 master shards
+    assert [id(p) for p in optimizer.param_groups[0]["params"]] == [id(p) for p in params]
+    logits = model(torch.randint(0, 100, (1, 8)))
+    assert logits.dtype == torch.bfloat16  # computed with the policy's bf16 copies
+    logits.float().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)  # reduced in fp32
+    optimizer.step()  # on the shards the model uses
+    assert optimizer.state and all(id(p) in {id(q) for q in params} for p in optimizer.state)
+
+
+@gloo
+def test_shard_refuses_an_optimizer_that_has_stepped(one_rank_group):
+    from enginekit.fsdp import shard
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match="the optimizer has already stepped; pass a fresh optimizer"):
+        shard(model, optimizer, torch.device("cpu"), None)
