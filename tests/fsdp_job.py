@@ -2,12 +2,14 @@
 
     torchrun --standalone --nproc_per_node=2 tests/fsdp_job.py OUT --strategy {ddp,fsdp}
         [--batch-size B] [--grad-accum N] [--steps S] [--precision P] [--sample] [--checkpoint]
+        [--engine NAME STRATEGY BATCH ACCUM ...]
 
 Dropout off and no shuffling, so runs of different strategies (or one process) see the same
 data and can be compared number for number. Each rank writes OUT/result-rank<R>.pt itself:
 its per-step losses (averaged over ranks by the engine), the evaluations, the gathered final
-weights and, with --sample, the text SampleText printed. Run without torchrun it is the
-single-process reference.
+weights and, with --sample, the text SampleText printed. Each --engine trains one more engine in
+the same processes (one process group, started once: the tests pay torchrun's start-up once)
+and writes OUT/NAME/result-rank<R>.pt. Run without torchrun it is the single-process reference.
 """
 
 from __future__ import annotations
@@ -58,9 +60,23 @@ def main() -> None:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--sample", action="store_true")
     p.add_argument("--checkpoint", action="store_true")
+    p.add_argument("--engine", nargs=4, action="append", metavar=("NAME", "STRATEGY", "BATCH", "ACCUM"))
     args = p.parse_args()
-    rank = int(os.environ.get("RANK", "0"))
     torch.set_num_threads(1)  # two ranks on two busy cores; and one thread sums alike in every run
+    if not args.engine:
+        train(args, args.out)
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")  # ours, so no engine tears it down between the runs
+    for name, strategy, batch, accum in args.engine:
+        args.strategy, args.batch_size, args.grad_accum = strategy, int(batch), int(accum)
+        train(args, args.out / name)
+
+
+def train(args: argparse.Namespace, out: Path) -> None:
+    rank = int(os.environ.get("RANK", "0"))
 
     torch.manual_seed(123)
     cfg = {**TINY_CFG, "drop_rate": 0.0}
@@ -83,7 +99,7 @@ def main() -> None:
     if args.sample:
         plugins.append(sampler)
     if args.checkpoint:
-        plugins.append(Checkpoint(args.out / "checkpoints"))
+        plugins.append(Checkpoint(out / "checkpoints"))
     engine = Engine(
         model,
         optimizer,
@@ -97,7 +113,7 @@ def main() -> None:
     )
     engine.fit(epochs=1, max_steps=args.steps)
     weights = engine.model_state_dict()  # gathered from the shards under FSDP, on every rank
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
             "model": weights,
@@ -109,7 +125,7 @@ def main() -> None:
             "samples": sampler.samples,
             "sharded": type(model).__name__,
         },
-        args.out / f"result-rank{rank}.pt",
+        out / f"result-rank{rank}.pt",
     )
 
 

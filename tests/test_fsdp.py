@@ -50,17 +50,24 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    torchrun(out, "--strategy", "ddp")
-    return results(out)
+def runs(tmp_path_factory):
+    """DDP, FSDP and FSDP with accumulation, one after the other in one torchrun job."""
+    out = tmp_path_factory.mktemp("runs")
+    runs = ["--engine", "ddp", "ddp", "2", "1", "--engine", "fsdp", "fsdp", "2", "1"]
+    # per rank: micro-batches of 1 row twice (rows r, r+2) against a batch of 2 (rows r, r+2)
+    runs += ["--engine", "accum", "fsdp", "1", "2"]
+    proc = torchrun(out, "--sample", *runs)  # a SampleText on rank 0 alone must not hang
+    return {name: results(out / name) for name in ("ddp", "fsdp", "accum")}, proc
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    proc = torchrun(out, "--strategy", "fsdp", "--sample")  # a SampleText on rank 0 alone must not hang
-    return results(out), proc
+def ddp_run(runs):
+    return runs[0]["ddp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(runs):
+    return runs[0]["fsdp"], runs[1]
 
 
 @gloo
@@ -96,14 +103,13 @@ def test_evaluations_are_equal_on_both_ranks_and_to_ddp(ddp_run, fsdp_run):
 def test_sample_text_runs_on_rank_0_with_the_whole_model_and_prints_once(fsdp_run):
     ((f0, f1), proc) = fsdp_run
     assert len(f0["samples"]) == 1 and f1["samples"] == []
-    assert proc.stdout.count("Every effort moves you") == 1
+    assert proc.stdout.count("Every effort moves you") == 3  # one per run: DDP, FSDP, FSDP with accumulation
 
 
 @gloo
-def test_accumulation_under_fsdp_equals_the_big_batch(ddp_run, tmp_path):
-    # per rank: micro-batches of 1 row twice (rows r, r+2) against DDP's batch of 2 (rows r, r+2)
-    torchrun(tmp_path, "--strategy", "fsdp", "--batch-size", "1", "--grad-accum", "2")
-    (a0, a1), (d0, _) = results(tmp_path), ddp_run
+def test_accumulation_under_fsdp_equals_the_big_batch(runs, ddp_run):
+    (a0, a1), (d0, _) = runs[0]["accum"], ddp_run
+    assert a0["sharded"] == "FSDPGPTModel"
     assert a0["steps"] == d0["steps"] and a0["losses"] == a1["losses"]
     torch.testing.assert_close(torch.tensor(a0["losses"]), torch.tensor(d0["losses"]), rtol=1e-5, atol=1e-6)
     assert_same_weights(a0["model"], d0["model"])
@@ -233,3 +239,12 @@ def test_shard_refuses_an_optimizer_that_has_stepped(one_rank_group):
     optimizer.step()
     with pytest.raises(ValueError, match="the optimizer has already stepped; pass a fresh optimizer"):
         shard(model, optimizer, torch.device("cpu"), None)
+
+
+def test_the_fsdp_page_python_runs_as_is():
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "fsdp.md").read_text(), re.S)
+    assert blocks
+    for code in blocks:
+        exec(code, {})
