@@ -44,3 +44,5 @@ step throughput-fp32 120 python3 benchmarks/throughput.py --precision fp32
 step throughput-fp16 120 python3 benchmarks/throughput.py --precision fp16
 step checkpoint-cost 150 python3 benchmarks/checkpoint_cost.py --epochs 4 --rounds 1
 step checkpoint-write 120 python3 benchmarks/checkpoint_write.py --rounds 2
+# strategy="fsdp" with nccl (bf16 MixedPrecisionPolicy, SampleText on the gathered model) needs two GPUs
+if (( $(nvidia-smi -L | wc -l) >= 2 )); then step fsdp-nccl 180 python3 -m torch.distributed.run --standalone --nproc_per_node=2 examples/pretrain_verdict.py --model 124M --max-steps 20 --strategy fsdp --precision bf16 --no-checkpoint --out "$out/fsdp"; else echo "== fsdp-nccl: skipped (one GPU; it needs 2)"; fi

@@ -1,7 +1,9 @@
-"""torchrun glue: join the process group, shard the data, wrap the model in DDP, agree across ranks."""
+"""torchrun glue: join the process group, shard the data, wrap the model in DDP (or shard it with
+FSDP, see fsdp.py), agree across ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -64,18 +66,31 @@ def _check_available(asked: object, device: torch.device) -> None:
 
 
 class Distributed:
-    """Data parallelism under torchrun (``WORLD_SIZE > 1``); every method is a no-op otherwise."""
+    """Data parallelism under torchrun (``WORLD_SIZE > 1``); every method is a no-op otherwise.
 
-    def __init__(self, device: torch.device) -> None:
+    ``strategy="ddp"`` wraps the model in DistributedDataParallel (``self.ddp``); ``"fsdp"``
+    shards it in place with ``fully_shard`` (``self.sharded`` is the model itself then).
+    """
+
+    def __init__(self, device: torch.device, strategy: str = "ddp", param_dtype: torch.dtype | None = None) -> None:
         self.device = device
+        self.strategy = strategy
+        self.param_dtype = param_dtype
         self.ddp: nn.Module | None = None
+        self.sharded: nn.Module | None = None
         self.active = False  # an attribute, not a property: the step reads it every time
         self._owns_process_group = False
 
-    def setup(self, model: nn.Module, train_loader: Iterable[Any], state: TrainState) -> Iterable[Any]:
-        """Join the group, wrap ``model`` in DDP; returns the training loader sharded for this rank."""
+    def setup(
+        self,
+        model: nn.Module,
+        train_loader: Iterable[Any],
+        state: TrainState,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> Iterable[Any]:
+        """Join the group, wrap ``model`` in DDP (or shard it); returns the training loader sharded for this rank."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size <= 1 or self.ddp is not None:
+        if world_size <= 1 or self.ddp is not None or self.sharded is not None:
             return train_loader
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
@@ -95,12 +110,44 @@ class Distributed:
             seed = torch.tensor([torch.initial_seed() % 2**31], device=self.device)
             dist.broadcast(seed, src=0)
             loader = shard_loader(loader, state.rank, state.world_size, int(seed.item()))
-        device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(model, device_ids=device_ids)
+        if self.strategy == "fsdp":
+            from .fsdp import shard
+
+            assert optimizer is not None
+            self.sharded = shard(model, optimizer, self.device, self.param_dtype)
+        else:
+            device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=device_ids)
         self.active = True
         return loader
 
+    def no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """Around the backward of every micro-batch but a step's last: no gradient communication."""
+        if self.sharded is not None:
+            from .fsdp import no_sync
+
+            return no_sync(self.sharded)
+        return self.ddp.no_sync()  # type: ignore[union-attr, operator]
+
+    def gathered(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """FSDP: the whole model on every rank while inside (see fsdp.gathered); otherwise nothing."""
+        if self.sharded is None:
+            return contextlib.nullcontext()
+        from .fsdp import gathered
+
+        return gathered(self.sharded)
+
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's state dict: gathered from the shards under FSDP (every rank must call)."""
+        if self.sharded is None:
+            return model.state_dict()
+        from .fsdp import full_state_dict
+
+        return full_state_dict(self.sharded)
+
     def teardown(self) -> None:
+        if self.sharded is not None:
+            return  # the shards live on the process group: it stays up for the model's later use (see fsdp.py)
         if self.ddp is None:
             return
         import torch.distributed as dist
@@ -129,7 +176,7 @@ class Distributed:
 
     def all_true(self, flag: bool) -> bool:
         """True when ``flag`` is true on every rank; every rank must call it."""
-        if self.ddp is None:
+        if not self.active:
             return flag
         import torch.distributed as dist
 
@@ -139,7 +186,7 @@ class Distributed:
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank; every rank must call it."""
-        if self.ddp is None:
+        if not self.active:
             return obj
         import torch.distributed as dist
 
@@ -149,7 +196,7 @@ class Distributed:
 
     def gather(self, obj: Any, world_size: int) -> list[Any]:
         """Every rank's ``obj``, by rank."""
-        if self.ddp is None:
+        if not self.active:
             return [obj]
         import torch.distributed as dist
 

@@ -23,6 +23,7 @@ from .compiling import CompiledModules, compile_options
 from .distributed import Distributed, resolve_device, set_sampler_epoch
 from .errors import NonFiniteLossError, TrainingInterrupted
 from .evaluation import mean_loss
+from .fsdp import check_strategy
 from .hostsync import HostSync
 from .log import get_logger
 from .metrics import Metrics
@@ -85,12 +86,18 @@ class Engine:
             to run training and evaluation forwards through a compiled model; ``engine.model``
             stays the plain module (see :mod:`enginekit.compiling` for what recompiles when).
 
+        strategy: under torchrun, ``"ddp"`` (DistributedDataParallel: every rank holds the whole
+            model) or ``"fsdp"`` (``fully_shard`` per transformer block and the root: parameters,
+            gradients and optimizer state sharded over ranks; see :mod:`enginekit.fsdp` and
+            docs/fsdp.md). Outside torchrun both are the one-process path, unchanged.
+
     What plugins use: ``state`` (:class:`TrainState`, counters and plan facts), ``metrics``
     (:class:`~enginekit.metrics.Metrics`, the metrics channel), ``lr_scales``
     (:class:`~enginekit.plan.LRScales`, the factors of lr modifiers), ``model``, ``optimizer``,
-    ``train_loader``, ``val_loader``, ``device``, ``loss_fn``, ``forward_fn``, and the methods
-    ``name_of``, ``evaluate``, ``publish_evaluation``, ``print``, ``all_true`` and
-    ``broadcast_from_main``.
+    ``train_loader``, ``val_loader``, ``device``, ``loss_fn``, ``forward_fn``, ``strategy``, and the
+    methods ``name_of``, ``evaluate``, ``publish_evaluation``, ``print``, ``all_true``,
+    ``broadcast_from_main`` and ``model_state_dict``. Under FSDP the model is whole on every rank
+    during ``after_epoch``.
     """
 
     def __init__(
@@ -111,9 +118,14 @@ class Engine:
         autoload_plugins: bool = False,
         compile: bool | dict[str, Any] = False,
         sync_every: int | None = None,
+        strategy: str = "ddp",
     ) -> None:
         check_count("", "grad_accum_steps", grad_accum_steps)
+        check_strategy(strategy, precision)
+        self.strategy = strategy
         options = compile_options(compile)
+        if options is not None and strategy == "fsdp":  # not yet tried: compile per FSDP unit, after sharding
+            raise ValueError("compile with strategy='fsdp' is not supported yet; use strategy='ddp' to compile")
         self._compiled = CompiledModules(options, self.print) if options is not None else None
         self._nonfinite = NonFinitePolicy(nonfinite, max_skips)
         self.state = TrainState()
@@ -133,10 +145,10 @@ class Engine:
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.val_loader = val_loader
-        self._dist = Distributed(self.device)
+        self._dist = Distributed(self.device, strategy, self._precision.dtype)
         self._position = DataPosition()
         self._signals = StopSignals(self.print)
-        self.train_loader = self._dist.setup(self.model, self.train_loader, self.state)
+        self.train_loader = self._dist.setup(self.model, self.train_loader, self.state, self.optimizer)
 
         self._registry = Registry(self)
         self.pm, self.hook = self._registry.pm, self._registry.hook
@@ -170,7 +182,8 @@ class Engine:
     def fit(self, epochs: int | None = None, max_steps: int | None = None) -> TrainState:
         """Train for ``epochs`` epochs (default 1) or ``max_steps`` optimizer steps, whichever ends first."""
         st = self.state
-        self.train_loader = self._dist.setup(self.model, self.train_loader, st)  # again after a previous fit
+        # again after a previous fit
+        self.train_loader = self._dist.setup(self.model, self.train_loader, st, self.optimizer)
         try:
             self._plan(epochs, max_steps)
             with self._signals.installed():
@@ -241,7 +254,8 @@ class Engine:
                 self._stop_if_signalled()
         if self._sync.deferred:  # the epoch's last steps are read before anything reports on them
             self._read_device()
-        self._emit("after_epoch")
+        with self._dist.gathered(self.model):  # FSDP: a plugin may run the model on rank 0 alone (a sample)
+            self._emit("after_epoch")
         if exhausted or st.batches_in_epoch >= len(self.train_loader):  # type: ignore[arg-type]
             st.epoch += 1
             st.step_in_epoch = st.batches_in_epoch = 0
@@ -340,8 +354,8 @@ class Engine:
         tokens = 0
         for i, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
-            if self._dist.active and i < n - 1:  # DDP all-reduces gradients on the last micro-batch only
-                with self._dist.ddp.no_sync():  # type: ignore[union-attr, operator]
+            if self._dist.active and i < n - 1:  # DDP/FSDP reduce gradients on the last micro-batch only
+                with self._dist.no_sync():
                     loss = self._backward(batch, n)
             else:
                 loss = self._backward(batch, n)
@@ -418,6 +432,11 @@ class Engine:
         ``enginekit.print`` logger (see :mod:`enginekit.log`)."""
         if self.state.is_main:
             _PRINT.info(message)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's ``state_dict()``; under FSDP gathered from the shards onto the CPU of
+        every rank (every rank must call it). The book's keys and shapes in every strategy."""
+        return self._dist.model_state_dict(self.model)
 
     def all_true(self, flag: bool) -> bool:
         """True when ``flag`` is true on every rank; every rank must call it (outside torchrun: ``flag``)."""

@@ -133,9 +133,10 @@ def pad_output_head(model: GPTModel, multiple: int) -> GPTModel:
     return model
 
 
-def unpadded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with a padded output head cut back to the vocabulary: the book's shapes."""
-    state = model.state_dict()
+def unpadded_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` (or ``state``, the model's whole state dict gathered already) with a
+    padded output head cut back to the vocabulary: the book's shapes."""
+    state = model.state_dict() if state is None else dict(state)
     vocab = int(model.cfg["vocab_size"])  # type: ignore[index]
     if state["out_head.weight"].shape[0] != vocab:
         state["out_head.weight"] = state["out_head.weight"][:vocab]

@@ -231,7 +231,9 @@ def after_epoch(engine: Engine) -> None:
 
     Guaranteed: ``engine.state.epoch`` is the epoch that just ended; ``engine.state.step``
     counts the completed steps. The epoch's checkpoint is taken after this hook (in
-    ``on_save_point(engine, "epoch")``), so it includes what plugins do here.
+    ``on_save_point(engine, "epoch")``), so it includes what plugins do here. Under
+    ``strategy="fsdp"`` the model is whole (gathered) on every rank during this hook, so one
+    rank may run it alone, as SampleText does on rank 0.
 
     May read: the weights, counters, ``engine.metrics``. May change: this plugin's state,
     ``should_stop``; an evaluation reported here gets its metrics row (tagged with the last

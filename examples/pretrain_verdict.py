@@ -179,6 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=count(), default=2, help="sequences per micro-batch and process (the loader's batch)"
     )
     g.add_argument("--grad-accum", type=count(), default=1, help="micro-batches per optimizer step")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: replicate or shard")
     f = p.add_argument_group("speed (each off by default: the defaults are the book's run, bit for bit)")
     f.add_argument(
         "--compile", action="store_true", help="torch.compile the model (not the loop); the first step is slow"
@@ -374,6 +375,9 @@ def train(args: argparse.Namespace) -> int:
     if args.resume and args.no_checkpoint:
         print("error: --resume needs checkpoints; drop --no-checkpoint", file=sys.stderr)
         return 2
+    if args.strategy == "fsdp" and not args.no_checkpoint:
+        print("error: --strategy fsdp cannot checkpoint yet (DCP backend next): pass --no-checkpoint", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     pretrained = None
     if args.init is not None:  # GPT-2's weights; loading draws nothing from the RNG
@@ -417,6 +421,7 @@ def train(args: argparse.Namespace) -> int:
             precision=args.precision,
             grad_accum_steps=args.grad_accum,
             compile=args.compile,
+            strategy=args.strategy,
         )
     except (ValueError, ImportError, TypeError) as exc:  # a bad setting, an unknown or broken --plugin
         print(f"error: {exc}", file=sys.stderr)
@@ -447,13 +452,17 @@ def train(args: argparse.Namespace) -> int:
         print(f"error: {describe_error(exc)}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
+    # with fsdp gathered from every rank's shard (every rank calls it); the book's shapes even with
+    # --pad-vocab, so the book's code loads model.pt as it is
+    weights = unpadded_state_dict(model, engine.model_state_dict())
     if main_process:
         args.out.mkdir(parents=True, exist_ok=True)
-        # the book's shapes even with --pad-vocab, so the book's code loads model.pt as it is
-        atomic_write(args.out / "model.pt", lambda f: torch.save(unpadded_state_dict(model), f))
+        atomic_write(args.out / "model.pt", lambda f: torch.save(weights, f))
         if args.export is not None:
             try:
-                engine.print(f"Hugging Face GPT-2 folder in {save_pretrained(model, args.export)}")
+                exported = GPTModel({k: v for k, v in model.cfg.items() if k != "vocab_padding_multiple"})
+                exported.load_state_dict(weights)  # the whole weights, also when fsdp sharded them
+                engine.print(f"Hugging Face GPT-2 folder in {save_pretrained(exported, args.export)}")
             except (OSError, ImportError) as exc:  # the weights are safe in model.pt; say so
                 print(f"error: --export {args.export}: {exc}; weights in {args.out / 'model.pt'}", file=sys.stderr)
                 return 1

@@ -330,6 +330,11 @@ class Checkpoint:
 
     @hookimpl(wrapper=True)
     def before_fit(self, engine: Engine) -> Generator[None, Any, Any]:
+        if engine.strategy == "fsdp" and engine.state.world_size > 1:  # DTensor shards: rank 0 alone cannot save them
+            raise CheckpointError(
+                "strategy='fsdp' cannot be checkpointed yet (sharded state needs the DCP backend, next); "
+                "run without Checkpoint (--no-checkpoint)"
+            )
         busy = None
         if engine.state.is_main:  # one run per folder, before anything in it is touched
             try:
