@@ -230,7 +230,7 @@ def _set_direct(fd: int, on: bool) -> bool:
 
 def sha256_file(path: Path) -> str:
     sha = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)
     return sha.hexdigest()
@@ -480,7 +480,9 @@ class Checkpoint:
         self._background_error = self._write_now(path, payload, needs)
 
     def _newest_line(self) -> str:
-        newest = next((p for p in self.checkpoints() if self.verify(p) is None), None)
+        newest = next(
+            (p for p in self.checkpoints() if _not_a_checkpoint_file(p) is None and self.verify(p) is None), None
+        )
         return f"the newest checkpoint on disk is {newest.name}" if newest else "no checkpoint is on disk yet"
 
     def _write_error(self, path: Path, exc: BaseException, needs: int) -> BaseException:
@@ -590,11 +592,21 @@ class Checkpoint:
     def verify(self, path: Path) -> str | None:
         """Why ``path`` must not be loaded, or None when its recorded sha256 matches."""
         sha_path = path.with_name(path.name + ".sha256")
-        if not sha_path.exists():
-            return "no .sha256 file beside it (its write did not finish)"
         try:
-            recorded = sha_path.read_text().split()[0]
-        except (OSError, IndexError):
+            info = sha_path.lstat()  # not stat(): a link is never followed, to a FIFO or /dev/zero least of all
+        except FileNotFoundError:
+            return "no .sha256 file beside it (its write did not finish)"
+        except OSError as exc:
+            return f"its .sha256 file is unreadable ({exc.strerror or exc})"
+        if stat.S_ISLNK(info.st_mode):
+            return "its .sha256 file is not a regular file (a symbolic link: only regular files are trusted)"
+        if not stat.S_ISREG(info.st_mode):
+            return "its .sha256 file is not a regular file"
+        if info.st_size > _SHA_FILE_MAX:
+            return f"its .sha256 file is {info.st_size} bytes, too big for one hash line"
+        try:
+            recorded = _read_regular(sha_path, _SHA_FILE_MAX).decode("ascii").split()[0]
+        except (OSError, ValueError, IndexError):
             return "its .sha256 file is unreadable"
         try:
             actual = sha256_file(path)
@@ -606,7 +618,7 @@ class Checkpoint:
 
     def load(self, path: Path, map_location: Any = "cpu") -> dict[str, Any]:
         """Verify and load one checkpoint with ``weights_only=True`` (never unsafe unpickling)."""
-        problem = self.verify(path)
+        problem = _not_a_checkpoint_file(path) or self.verify(path)
         if problem is not None:
             raise CheckpointError(f"{path.name}: {problem}")
         try:
@@ -620,6 +632,15 @@ class Checkpoint:
         if payload.get("version") != VERSION:
             raise CheckpointError(
                 f"{path.name}: checkpoint format version {payload.get('version')}, expected {VERSION}"
+            )
+        named = _NAME.match(path.name)
+        engine_state = payload.get("engine")
+        held = engine_state.get("step") if isinstance(engine_state, dict) else None
+        if named is not None and held != int(named.group(1)):
+            # the name orders candidates and pruning; one that lies would roll the run back
+            raise CheckpointError(
+                f"{path.name}: it holds step {held}, not step {int(named.group(1))} as its name says "
+                "(renamed or copied?)"
             )
         return payload
 
@@ -819,12 +840,31 @@ def _check_same_model(path: Path, own: dict[str, Any], saved: dict[str, Any]) ->
         )
 
 
-def _not_a_checkpoint_file(path: Path) -> str | None:
-    """Why ``path`` is not even a candidate (a device, a folder, a link to one, an empty file), or None."""
+_SHA_FILE_MAX = 4096  # a sha256sum line is 64 hex digits, two spaces and the name
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``path``, which must be a regular file reached without a symlink.
+
+    ``O_NONBLOCK`` keeps a FIFO put there after the check from blocking the open; ``O_NOFOLLOW``
+    refuses a link swapped in after it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
-        info = path.stat()  # follows a symlink: what matters is what would be read
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _not_a_checkpoint_file(path: Path) -> str | None:
+    """Why ``path`` is not even a candidate (a symlink, a device, a folder, an empty file), or None."""
+    try:
+        info = path.lstat()  # a symlink is never followed: only regular files are candidates
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISLNK(info.st_mode):
+        return "not a regular file (a symbolic link: only regular files are candidates)"
     if not stat.S_ISREG(info.st_mode):
         return "not a regular file"
     if info.st_size < 22:  # smaller than the end record of any zip archive

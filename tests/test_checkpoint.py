@@ -1144,3 +1144,82 @@ def test_a_full_disk_under_direct_writes_is_said_in_plain_words(tmp_path, direct
     with pytest.raises(CheckpointWriteError, match=r"could not write ckpt-00000004.pt: no space left on device"):
         drive([Checkpoint(tmp_path, every_steps=4, every_epoch=False)], steps_per_epoch=4)
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".ckpt-*.tmp"))
+
+
+# ---------------------------------------------------------------- trust no file name, lock path or side file (issue 29)
+
+
+def test_a_renamed_checkpoint_is_taken_for_the_step_it_holds_not_its_name(two_checkpoints, capsys):
+    # an older checkpoint (and its hash) under a newer name: resuming from it would drop steps 3-6
+    for suffix in ("", ".sha256"):
+        shutil.copy(two_checkpoints / f"ckpt-00000003.pt{suffix}", two_checkpoints / f"ckpt-00000099.pt{suffix}")
+    engine = resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000099.pt: it holds step 3, not step 99 as its name says" in out
+    assert "resumed from ckpt-00000006.pt (step 6" in out and engine.state.step == 7
+    # set aside, so pruning keeps exactly keep_last and the next resume does not go back to it
+    assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == [
+        "ckpt-00000007.pt",
+        "ckpt-00000006.pt",
+        "ckpt-00000003.pt",
+    ]
+
+
+def test_a_symlinked_candidate_or_hash_is_never_followed(two_checkpoints, capsys):
+    (two_checkpoints / "ckpt-00000099.pt").symlink_to(two_checkpoints / "ckpt-00000003.pt")
+    (two_checkpoints / "ckpt-00000099.pt.sha256").symlink_to(two_checkpoints / "ckpt-00000003.pt.sha256")
+    engine = resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000099.pt: not a regular file (a symbolic link" in out
+    assert "resumed from ckpt-00000006.pt (step 6" in out and engine.state.step == 7
+
+
+_RESUME_IN_A_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a hash file read without end fails, not the machine
+from enginekit.plugins import Checkpoint
+path, _ = Checkpoint(sys.argv[1]).load_latest()
+print("chose", path.name)
+"""
+
+
+@pytest.mark.parametrize("odd", ["fifo", "dev-zero"])
+def test_an_odd_hash_file_beside_a_good_checkpoint_is_skipped_not_read(two_checkpoints, odd):
+    sha = two_checkpoints / "ckpt-00000006.pt.sha256"
+    sha.unlink()
+    if odd == "fifo":
+        os.mkfifo(sha)  # opened for reading, it blocks until a writer comes: forever
+    else:
+        sha.symlink_to("/dev/zero")  # read to its end, it grows memory without end
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _RESUME_IN_A_CHILD, str(two_checkpoints)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("choosing a checkpoint hung on the odd .sha256 file (no answer in 120 s)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping ckpt-00000006.pt: its .sha256 file is not a regular file" in proc.stdout
+    assert "chose ckpt-00000003.pt" in proc.stdout
+
+
+def test_deleting_the_lock_files_does_not_let_a_second_run_clobber_a_live_one(two_checkpoints):
+    code = (
+        "import sys, time; from enginekit.files import lock_folder; "
+        f"lock_folder({str(two_checkpoints)!r}); print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (two_checkpoints / ".enginekit.lock").unlink()  # the user "cleans up a stale lock"
+        before = sorted(p.name for p in two_checkpoints.iterdir())
+        with pytest.raises(CheckpointError, match="in use by another run's Checkpoint"):
+            drive(Checkpoint(two_checkpoints, overwrite=True), steps_per_epoch=2)
+        assert sorted(p.name for p in two_checkpoints.iterdir()) == before  # the live run's checkpoints survive
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
