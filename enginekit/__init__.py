@@ -10,6 +10,7 @@ corpus) and ``enginekit.hookspec`` (the hooks, documented). Other modules are im
 """
 
 from .engine import Engine, NonFiniteLossError, TrainingInterrupted, lm_loss
+from .errors import TrainingAborted
 from .hookspec import hookimpl
 from .metrics import Metrics
 from .registry import PluginError, PluginValueError
@@ -22,6 +23,7 @@ __all__ = [
     "PluginError",
     "PluginValueError",
     "TrainState",
+    "TrainingAborted",
     "TrainingInterrupted",
     "hookimpl",
     "lm_loss",

@@ -13,8 +13,10 @@ batch, a greedy sample after each epoch, a checkpoint after each epoch.
 Exit status: 0 done; 1 a training error (bad setting found at fit time, plugin failure,
 corrupt checkpoints, another run using OUT); 2 bad command-line arguments (also an OUT that
 cannot be written); 3 non-finite loss; 4 a checkpoint could not be written (disk full,
-non-finite weights, a second signal during a save: the line says which checkpoint is the newest);
-130 after SIGINT and 143 after SIGTERM (a checkpoint of the last finished step was written first).
+non-finite weights: the line says which checkpoint is the newest); 130 after SIGINT and 143 after
+SIGTERM: after one signal a checkpoint of the last finished step was written first; after a second
+one the run stopped at once, a save in progress abandoned (its lines say so and name the newest
+checkpoint on disk); a signal outside training also ends with 130/143.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import argparse
 import ast
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from enginekit import Engine, NonFiniteLossError, PluginError, TrainingInterrupted
+from enginekit import Engine, NonFiniteLossError, PluginError, TrainingAborted, TrainingInterrupted
 from enginekit.data import verdict_loaders
 from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.gpt import GPT_CONFIG_124M, GPT_CONFIG_TINY, GPTModel
@@ -262,12 +266,34 @@ def plot_schedule(args: argparse.Namespace, steps_per_epoch: int) -> int:
     return 0
 
 
+def _stop_outside_fit(signum: int, frame: object) -> None:
+    raise TrainingAborted(signum, second=False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM outside fit (which handles it itself) ends like Ctrl-C, through the finally clauses
+    # that remove temporary files, instead of killing the process in the middle of a write
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_outside_fit) if main_thread else None
     try:
         return run(argv)
-    except KeyboardInterrupt:  # Ctrl-C outside fit (which handles it itself): one line, not a traceback
+    except TrainingAborted as exc:  # a second signal inside fit, or one outside it: the line names it
+        print(f"{exc}{_newest_hint(argv)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside fit: one line, not a traceback
         print("interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _newest_hint(argv: list[str] | None) -> str:
+    try:
+        args = parse_args(argv)
+    except SystemExit:
+        return ""
+    return "" if args.no_checkpoint else f"; checkpoints in {args.out / 'checkpoints'}, continue with --resume"
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -286,6 +312,8 @@ def run(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        for leftover in args.out.glob(".model.pt.*.tmp"):  # a write cut off by kill -9; OUT is ours now
+            leftover.unlink(missing_ok=True)
         return train(args)
     finally:
         unlock_folder(args.out)
@@ -359,4 +387,12 @@ def train(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in (130, 143):
+        # Stopped by a signal: every file is closed and synced, and the interpreter's own shutdown
+        # after an interrupted step aborted now and then in torch's C++ teardown ("terminate called
+        # without an active exception", status 134 instead of 143), so the process ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -20,6 +20,7 @@ from torch.utils.serialization import config as serialization_config
 
 from enginekit.checks import check_count
 from enginekit.engine import Engine
+from enginekit.errors import TrainingAborted
 from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.hookspec import hookimpl
 from enginekit.registry import plugin_settings
@@ -44,6 +45,10 @@ class CheckpointError(RuntimeError):
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (disk full, permissions, interrupted, non-finite weights):
     nothing was saved for that moment, and the message says which checkpoint is the newest on disk."""
+
+
+class _Abandoned(OSError):
+    """A background write stopped because a second signal asked the process to end now."""
 
 
 class _HashingWriter:
@@ -71,8 +76,9 @@ class _HashingWriter:
     HASH_BESIDE_MIN = 256 << 10  # records this big are hashed by a second thread while written
     ALIGN = 4096  # of memory, file offsets and lengths for O_DIRECT on common block devices
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, abandon: threading.Event | None = None) -> None:
         self.f = f
+        self.abandon = abandon
         self.fd = f.fileno()
         self.sha = hashlib.sha256()
         self.written = self.synced = 0
@@ -83,6 +89,8 @@ class _HashingWriter:
 
     def write(self, data: bytes | memoryview) -> int:
         try:
+            if self.abandon is not None and self.abandon.is_set():
+                raise _Abandoned("abandoned after a second signal")
             return self._write(data)
         except OSError as exc:
             # torch.save reports a failed write as "unexpected pos ..."; keep the real cause
@@ -317,11 +325,15 @@ class Checkpoint:
         self._writer: threading.Thread | None = None
         self._background_error: BaseException | None = None
         self._host_copy = _HostCopy()
+        self._abandon = threading.Event()  # set on a second signal: a write in flight stops
+        self._abandoned: str | None = None  # the checkpoint whose write a second signal cut off
 
     # ------------------------------------------------------------------ hooks
 
     @hookimpl(wrapper=True)
     def before_fit(self, engine: Engine) -> Generator[None, Any, Any]:
+        self._abandon.clear()
+        self._abandoned = None
         busy = None
         if engine.state.is_main:  # one run per folder, before anything in it is touched
             try:
@@ -364,12 +376,24 @@ class Checkpoint:
 
     @hookimpl
     def on_exception(self, engine: Engine, error: BaseException) -> None:
+        aborted = isinstance(error, TrainingAborted)
+        if aborted:
+            self._abandon.set()  # a second signal: the write in flight stops at its next block
         try:
             self.wait()  # finish the write in flight: it holds the newest good state
         except CheckpointWriteError as exc:
-            engine.print(f"Checkpoint: {exc}")
+            if not aborted:
+                engine.print(f"Checkpoint: {exc}")
         finally:
             self._host_copy.release()
+            if aborted and engine.state.is_main:
+                # the signal may have cut an atomic write between its rename and its clean-up
+                for leftover in self.dir.glob(f".ckpt-*.{os.getpid()}.tmp"):
+                    leftover.unlink(missing_ok=True)
+                abandoned = f"abandoned the save of {self._abandoned}; " if self._abandoned else ""
+                engine.print(
+                    f"Checkpoint: stopped by a second {error.signame}; {abandoned}{self._newest_line(hash=False)}"
+                )
             self._unlock()
 
     def _unlock(self) -> None:
@@ -472,6 +496,10 @@ class Checkpoint:
         except FolderBusyError as exc:
             return CheckpointWriteError(f"could not write {path.name}: {exc}")
         except BaseException as exc:
+            if isinstance(exc, (TrainingAborted, _Abandoned)):
+                self._abandoned = path.name
+                if isinstance(exc, TrainingAborted):
+                    raise  # the process ends now; on_exception says what was abandoned
             return self._write_error(path, exc, needs)
         return None
 
@@ -479,15 +507,21 @@ class Checkpoint:
         _lowest_priority()
         self._background_error = self._write_now(path, payload, needs)
 
-    def _newest_line(self) -> str:
-        newest = next(
-            (p for p in self.checkpoints() if _not_a_checkpoint_file(p) is None and self.verify(p) is None), None
-        )
+    def _newest_line(self, hash: bool = True) -> str:
+        """Which checkpoint is the newest good one; ``hash=False``: the newest complete one, unhashed
+        (a process asked twice to end does not read gigabytes first)."""
+
+        def good(p: Path) -> bool:
+            if _not_a_checkpoint_file(p) is not None:
+                return False
+            return self.verify(p) is None if hash else p.with_name(p.name + ".sha256").is_file()
+
+        newest = next((p for p in self.checkpoints() if good(p)), None)
         return f"the newest checkpoint on disk is {newest.name}" if newest else "no checkpoint is on disk yet"
 
     def _write_error(self, path: Path, exc: BaseException, needs: int) -> BaseException:
         """Plain words for a failed write, whatever torch's own message was."""
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, (KeyboardInterrupt, _Abandoned)):
             cause = "interrupted by a second signal"
         else:
             free = shutil.disk_usage(self.dir).free
@@ -532,7 +566,7 @@ class Checkpoint:
         digest: list[str] = []
 
         def write(f: BinaryIO) -> None:
-            writer = _HashingWriter(f)
+            writer = _HashingWriter(f, self._abandon)
             # no per-record CRC32: the sha256 of the whole file already guards it, and computing
             # both doubled the CPU time of a save (torch.load does not need the CRCs)
             try:

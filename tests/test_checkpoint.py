@@ -1223,3 +1223,84 @@ def test_deleting_the_lock_files_does_not_let_a_second_run_clobber_a_live_one(tw
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- a second signal: named right, nothing left behind
+
+
+def _two_sigterms_in(hook: str, at_step: int):
+    """A plugin that sends SIGTERM twice in ``hook`` of step ``at_step`` (the first handled before the second)."""
+
+    def twice(self, engine, **_):
+        if engine.state.step == at_step:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+
+    return type("TwoTerms", (), {hook: hookimpl(lambda self, engine: twice(self, engine))})()
+
+
+def test_two_quick_sigterms_inside_a_step_end_as_sigterm_naming_the_newest_checkpoint(tmp_path, capsys):
+    from enginekit import TrainingAborted
+
+    with pytest.raises(TrainingAborted) as info:
+        drive(
+            [_two_sigterms_in("after_backward", 3), Checkpoint(tmp_path, every_steps=2, async_write=False)],
+            steps_per_epoch=6,
+        )
+    assert isinstance(info.value, KeyboardInterrupt)  # code that catches Ctrl-C still catches it
+    assert info.value.exit_code == 143 and "second SIGTERM" in str(info.value) and "Ctrl-C" not in str(info.value)
+    out = capsys.readouterr().out
+    assert "Checkpoint: stopped by a second SIGTERM; the newest checkpoint on disk is ckpt-00000002.pt" in out
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_second_sigterm_during_a_save_abandons_it_says_so_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    from enginekit import TrainingAborted
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    real_write = ckpt_module._HashingWriter.write
+    sent = []
+
+    def write(self, data):
+        if not sent:  # the save of the signal's save point, half written
+            sent.append(True)
+            signal.raise_signal(signal.SIGTERM)
+        return real_write(self, data)
+
+    class Term:
+        @hookimpl
+        def after_backward(self, engine):
+            if engine.state.step == 3:
+                monkeypatch.setattr(ckpt_module._HashingWriter, "write", write)
+                signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(TrainingAborted) as info:
+        drive([Term(), Checkpoint(tmp_path, every_steps=2, async_write=False)], steps_per_epoch=6)
+    assert info.value.exit_code == 143
+    out = capsys.readouterr().out
+    assert (
+        "Checkpoint: stopped by a second SIGTERM; abandoned the save of ckpt-00000004.pt; "
+        "the newest checkpoint on disk is ckpt-00000002.pt" in out
+    )
+    assert [p.name for p in Checkpoint(tmp_path).checkpoints()] == ["ckpt-00000002.pt"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_second_sigterm_abandons_a_background_save_and_removes_its_temporary_file(tmp_path, monkeypatch, capsys):
+    from enginekit import TrainingAborted
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    real_write = ckpt_module._HashingWriter.write
+
+    def write(self, data):
+        if threading.current_thread().name.startswith("enginekit-ckpt"):
+            self.abandon.wait(timeout=30)  # held until the signals come: a write in flight
+        return real_write(self, data)
+
+    monkeypatch.setattr(ckpt_module._HashingWriter, "write", write)
+    with pytest.raises(TrainingAborted):
+        drive([_two_sigterms_in("after_backward", 3), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=6)
+    out = capsys.readouterr().out
+    assert "Checkpoint: stopped by a second SIGTERM; abandoned the save of ckpt-00000002.pt" in out
+    assert "no checkpoint is on disk yet" in out
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("ckpt-*"))
