@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import count_tokens, default_forward, to_device
-from .checks import check_count, check_number
+from .checks import check_count, check_hyperparameters, check_number, check_optimizer_of
 from .distributed import Distributed, resolve_device, set_sampler_epoch
 from .errors import NonFiniteLossError, TrainingInterrupted
 from .evaluation import mean_loss
@@ -95,6 +95,7 @@ class Engine:
         autoload_plugins: bool = False,
     ) -> None:
         check_count("", "grad_accum_steps", grad_accum_steps)
+        check_optimizer_of(model, optimizer)
         self._nonfinite = NonFinitePolicy(nonfinite, max_skips)
         self.state = TrainState()
         self.metrics = Metrics()
@@ -165,6 +166,7 @@ class Engine:
             check_count("fit: ", "max_steps", max_steps)
         for i, group in enumerate(self.optimizer.param_groups):
             check_number("optimizer: ", f"param group {i}'s lr", group["lr"], minimum=0.0)
+        check_hyperparameters(self.optimizer)
         st.steps_per_epoch = self._steps_per_epoch()
         if epochs is None:
             epochs = 1 if max_steps is None else math.ceil(max_steps / st.steps_per_epoch)
