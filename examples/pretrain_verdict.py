@@ -10,7 +10,8 @@ batch, a greedy sample after each epoch, a checkpoint after each epoch.
     python examples/pretrain_verdict.py --resume             # continue after an interruption
     torchrun --standalone --nproc_per_node=2 examples/pretrain_verdict.py --model tiny
 
-Exit status: 0 done; 1 a training error (bad setting found at fit time, plugin failure,
+Exit status: 0 done (also a --resume of a run that is already finished: one line says so, and
+no step runs); 1 a training error (bad setting found at fit time, plugin failure,
 corrupt checkpoints, another run using OUT); 2 bad command-line arguments (also an OUT that
 cannot be written); 3 non-finite loss; 4 a checkpoint could not be written (disk full,
 non-finite weights: the line says which checkpoint is the newest); 130 after SIGINT and 143 after
@@ -376,9 +377,17 @@ def train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
+    checkpoint = next((p for p in engine.plugins.values() if isinstance(p, Checkpoint)), None)
     if main_process:
         args.out.mkdir(parents=True, exist_ok=True)
+        # written again when resumed finished too: a kill between the last checkpoint and model.pt left none
         atomic_write(args.out / "model.pt", lambda f: torch.save(model.state_dict(), f))
+        if checkpoint is not None and checkpoint.resumed_step is not None and checkpoint.resumed_step == state.step:
+            engine.print(
+                f"already finished: {state.step} of {state.total_steps} steps were done before, none was left to "
+                f"run (pass a larger --epochs or --max-steps to go on); weights in {args.out / 'model.pt'}"
+            )
+            return 0
         engine.print(
             f"done: {state.step} steps, {state.tokens_seen:,} tokens in {elapsed:.1f} s; "
             f"weights in {args.out / 'model.pt'}"

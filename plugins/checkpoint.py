@@ -321,6 +321,7 @@ class Checkpoint:
         self.async_write = async_write
         self.last_saved: int | None = None
         self.resumed_from: Path | None = None
+        self.resumed_step: int | None = None  # the step resumed at (equal to the plan's end: nothing ran)
         self._locked = False
         self._writer: threading.Thread | None = None
         self._background_error: BaseException | None = None
@@ -813,8 +814,15 @@ class Checkpoint:
                 plugin.load_state_dict(saved[name])
         engine.load_state_dict(payload["engine"])
         self.last_saved = payload["engine"]["step"]
-        self.resumed_from = path
-        engine.print(f"Checkpoint: resumed from {path.name} (step {engine.state.step}, epoch {engine.state.epoch + 1})")
+        self.resumed_from, self.resumed_step = path, engine.state.step
+        st = engine.state
+        if st.step >= st.total_steps:  # said, not a "successful" fit of 0 steps
+            engine.print(
+                f"Checkpoint: {path.name} is the end of this run's plan (step {st.step} of {st.total_steps}): the run "
+                "is already finished, nothing left to train (ask for more epochs or steps to go on)"
+            )
+            return
+        engine.print(f"Checkpoint: resumed from {path.name} (step {st.step}, epoch {st.epoch + 1})")
 
 
 _IMPLEMENTATION_KEYS = {"params", "lr", "foreach", "fused", "capturable", "differentiable"}

@@ -1304,3 +1304,43 @@ def test_a_second_sigterm_abandons_a_background_save_and_removes_its_temporary_f
     assert "Checkpoint: stopped by a second SIGTERM; abandoned the save of ckpt-00000002.pt" in out
     assert "no checkpoint is on disk yet" in out
     assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("ckpt-*"))
+
+
+# ---------------------------------------------------------------- resume at an epoch boundary, the last step, finished
+
+
+def _trained(folder: Path, resume: bool = False, **fit_kwargs):
+    tracker = LossTracker(eval_freq=2)
+    engine = make_engine([tracker, Checkpoint(folder, every_steps=1, resume=resume)], steps_per_epoch=6)
+    engine.fit(**fit_kwargs)
+    return engine, tracker
+
+
+def _same_run(a, b) -> None:
+    (ea, ta), (eb, tb) = a, b
+    assert ea.state.step == eb.state.step and ea.state.epoch == eb.state.epoch
+    assert all(torch.equal(x, y) for x, y in zip(ea.model.state_dict().values(), eb.model.state_dict().values()))
+    assert ta.state_dict() == tb.state_dict()
+
+
+@pytest.mark.parametrize("stopped_at", [6, 11], ids=["epoch-boundary", "before-the-last-step"])
+def test_a_resume_at_an_epoch_boundary_or_before_the_last_step_continues_exactly(tmp_path, stopped_at):
+    whole = _trained(tmp_path / "whole", epochs=2)
+    _trained(tmp_path / "cut", epochs=2, max_steps=stopped_at)
+    resumed = _trained(tmp_path / "cut", resume=True, epochs=2)
+    assert resumed[0].state.step == 12
+    _same_run(whole, resumed)
+
+
+def test_resuming_a_finished_run_says_it_is_finished_and_trains_nothing(tmp_path, capsys):
+    whole = _trained(tmp_path, epochs=2)
+    capsys.readouterr()
+    again = _trained(tmp_path, resume=True, epochs=2)
+    out = capsys.readouterr().out
+    assert (
+        "Checkpoint: ckpt-00000012.pt is the end of this run's plan (step 12 of 12): the run is already finished, "
+        "nothing left to train" in out
+    )
+    checkpoint = next(p for p in again[0].plugins.values() if isinstance(p, Checkpoint))
+    assert checkpoint.resumed_step == again[0].state.step == 12
+    _same_run(whole, again)

@@ -250,3 +250,13 @@ def test_two_quick_sigterms_end_with_143_named_sigterm_and_leave_no_temporary_fi
     assert not [p for p in out.rglob("*.tmp")]
     ckpt = Checkpoint(out / "checkpoints")
     assert ckpt.verify(ckpt.checkpoints()[0]) is None
+
+
+def test_resuming_a_finished_run_says_so_in_one_line_and_exits_0(tmp_path):
+    args = ["--model", "tiny", "--epochs", "1", "--max-steps", "3", "--no-warmup", "--no-progress"]
+    args += ["--out", str(tmp_path)]
+    assert run_example(*args).returncode == 0
+    again = run_example(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "already finished: 3 of 3 steps were done before, none was left to run" in again.stdout
+    assert "done: 3 steps" not in again.stdout
