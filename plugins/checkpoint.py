@@ -23,7 +23,7 @@ from enginekit.engine import Engine
 from enginekit.errors import TrainingAborted
 from enginekit.files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from enginekit.hookspec import hookimpl
-from enginekit.registry import plugin_settings
+from enginekit.registry import PluginError, plugin_settings
 
 FORMAT = "enginekit-checkpoint"
 VERSION = 1
@@ -597,7 +597,10 @@ class Checkpoint:
     def _plugin_states(self, engine: Engine) -> dict[str, Any]:
         states = {}
         for name, plugin in self._stateful(engine).items():
-            state = plugin.state_dict()
+            try:
+                state = plugin.state_dict()
+            except Exception as exc:
+                raise _blame(name, "state_dict", engine, exc, f"to save step {engine.state.step}") from exc
             bad = _unsafe_value(state, name)
             if bad is not None:
                 raise CheckpointError(
@@ -811,7 +814,10 @@ class Checkpoint:
                 group.update({k: v for k, v in current.items() if k not in ("params", "lr")})
         for name, plugin in stateful.items():
             if name in saved:
-                plugin.load_state_dict(saved[name])
+                try:
+                    plugin.load_state_dict(saved[name])
+                except Exception as exc:
+                    raise _blame(name, "load_state_dict", engine, exc, f"to resume from {path.name}") from exc
         engine.load_state_dict(payload["engine"])
         self.last_saved = payload["engine"]["step"]
         self.resumed_from, self.resumed_step = path, engine.state.step
@@ -826,6 +832,16 @@ class Checkpoint:
 
 
 _IMPLEMENTATION_KEYS = {"params", "lr", "foreach", "fused", "capturable", "differentiable"}
+
+
+def _blame(name: str, method: str, engine: Engine, exc: Exception, why: str) -> PluginError:
+    """A plugin's own method failed while Checkpoint called it: the error names that plugin, not Checkpoint."""
+    hook = "before_fit" if method == "load_state_dict" else "on_save_point"
+    return PluginError(
+        f"plugin {name!r} failed in its {method}(), called by Checkpoint {why}: {type(exc).__name__}: {exc}",
+        name,
+        hook,
+    )
 
 
 def _plain(value: Any) -> bool:

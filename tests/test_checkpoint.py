@@ -1344,3 +1344,46 @@ def test_resuming_a_finished_run_says_it_is_finished_and_trains_nothing(tmp_path
     checkpoint = next(p for p in again[0].plugins.values() if isinstance(p, Checkpoint))
     assert checkpoint.resumed_step == again[0].state.step == 12
     _same_run(whole, again)
+
+
+# ---------------------------------------------------------------- the right plugin named, save points enforced
+
+
+class _Stateful:
+    def __init__(self, fail_in: str) -> None:
+        self._fail_in = fail_in  # not a setting (no attribute of its name): resuming with another is no change
+
+    @hookimpl
+    def after_step(self, engine, loss):
+        pass
+
+    def state_dict(self):
+        if self._fail_in == "state_dict":
+            raise RuntimeError("cannot pickle the lambda")
+        return {"n": 1}
+
+    def load_state_dict(self, state):
+        if self._fail_in == "load_state_dict":
+            raise KeyError("n2")
+
+
+def test_a_plugins_failing_state_dict_is_blamed_on_that_plugin_not_on_checkpoint(tmp_path):
+    from enginekit import PluginError
+
+    with pytest.raises(PluginError) as info:
+        drive([("tracker", _Stateful("state_dict")), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=4)
+    assert info.value.plugin_name == "tracker"
+    assert str(info.value).startswith("plugin 'tracker' failed in its state_dict()")
+    assert "cannot pickle the lambda" in str(info.value)
+
+
+def test_a_plugins_failing_load_state_dict_is_blamed_on_that_plugin_not_on_checkpoint(tmp_path):
+    from enginekit import PluginError
+
+    drive([("tracker", _Stateful("")), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=4)
+    with pytest.raises(PluginError) as info:
+        drive(
+            [("tracker", _Stateful("load_state_dict")), Checkpoint(tmp_path, resume=True)], steps_per_epoch=4, epochs=2
+        )
+    assert info.value.plugin_name == "tracker"
+    assert str(info.value).startswith("plugin 'tracker' failed in its load_state_dict()")
