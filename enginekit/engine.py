@@ -205,7 +205,7 @@ class Engine:
                 self._signals.received, st.should_stop = self._dist.agree_on_stop(
                     self._signals.received, st.should_stop
                 )
-            self._emit("on_save_point", reason="step")
+            self._save_point("step")
             if self._signals.received is not None:
                 self._stop_if_signalled()
         self._emit("after_epoch")
@@ -214,12 +214,17 @@ class Engine:
             st.step_in_epoch = st.batches_in_epoch = 0
         else:  # cut short (max_steps, should_stop): a later fit continues this epoch's data order
             self._position.cut_short(st.batches_in_epoch)
-        self._emit("on_save_point", reason="epoch")
+        self._save_point("epoch")
+
+    def _save_point(self, reason: str) -> None:
+        """Emit ``on_save_point``; a plugin that assigns a counter there fails, named (save points only write out)."""
+        with self.state.read_only("on_save_point"):
+            self._emit("on_save_point", reason=reason)
 
     def _stop_if_signalled(self) -> None:
         """After SIGINT/SIGTERM: a save point (a checkpoint of the last finished step if it lacks one), then stop."""
         if self._signals.received is not None:
-            self._emit("on_save_point", reason="signal")
+            self._save_point("signal")
             raise TrainingInterrupted(self._signals.received, self.state.step)
 
     def _train_step(self, micro_batches: list[Any]) -> bool:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -69,6 +71,28 @@ class TrainState:
     warmup_steps: int = 0
     peak_lrs: list[float] = field(default_factory=list)
     lr_decay: str | None = None
+
+    #: while set (the name of a hook), assigning a field raises: see :meth:`read_only`
+    _read_only_in: ClassVar[str | None] = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        hook = self._read_only_in
+        if hook is not None:
+            # raised in the frame of the plugin that assigns, so its PluginError names that plugin
+            raise RuntimeError(
+                f"engine.state.{name} was changed in {hook}; save points only write state out: change "
+                "counters in after_step or after_epoch"
+            )
+        super().__setattr__(name, value)
+
+    @contextlib.contextmanager
+    def read_only(self, hook: str) -> Iterator[None]:
+        """While the engine emits ``hook`` (``on_save_point``), assigning any field is an error."""
+        object.__setattr__(self, "_read_only_in", hook)
+        try:
+            yield
+        finally:
+            object.__delattr__(self, "_read_only_in")
 
     @property
     def is_main(self) -> bool:
