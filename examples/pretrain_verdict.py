@@ -143,8 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--out",
-        type=Path,
-        default=Path("runs/verdict"),
+        dest="out_text",
+        metavar="OUT",
+        default="runs/verdict",
         help="metrics.jsonl, losses.png, lr.png, model.pt, checkpoints/",
     )
     s = p.add_argument_group("schedule and clipping (appendix D)")
@@ -208,6 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plot-lr", action="store_true", help="draw the chosen schedule to OUT/lr.png and exit without training"
     )
     args = p.parse_args(argv)
+    if not str(args.out_text):  # Path("") would be the current folder: the classic unset variable
+        p.error("--out: an empty path (an unset variable?); pass the folder for this run's files")
+    args.out = Path(args.out_text)
     try:
         args.device = Engine.pick_device(args.device)
     except ValueError as exc:

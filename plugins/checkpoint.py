@@ -11,6 +11,7 @@ import shutil
 import stat
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -310,6 +311,18 @@ class Checkpoint:
         ):
             raise ValueError(f"Checkpoint: every_steps must be an int >= 1 or None, got {every_steps!r}")
         check_count("Checkpoint: ", "keep_last", keep_last)
+        if not os.fspath(dir):  # Path("") is the current folder: the classic unset variable
+            raise ValueError("Checkpoint: dir is empty (an unset variable?); pass the folder for checkpoints")
+        if Path(dir).exists() and not Path(dir).is_dir():
+            raise ValueError(
+                f"Checkpoint: dir {os.fspath(dir)!r} is a file, not a folder; pass a folder for checkpoints"
+            )
+        if not every_epoch and every_steps is None:
+            warnings.warn(
+                "Checkpoint: every_epoch=False and no every_steps: it saves only on SIGINT/SIGTERM; pass every_steps=N "
+                "or every_epoch=True to save during training",
+                stacklevel=2,
+            )
         self.dir = Path(dir)
         self.every_steps = every_steps
         self.every_epoch = every_epoch

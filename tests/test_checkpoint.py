@@ -1387,3 +1387,19 @@ def test_a_plugins_failing_load_state_dict_is_blamed_on_that_plugin_not_on_check
         )
     assert info.value.plugin_name == "tracker"
     assert str(info.value).startswith("plugin 'tracker' failed in its load_state_dict()")
+
+
+def test_an_empty_dir_is_refused_at_construction_not_run_in_the_current_folder():
+    with pytest.raises(ValueError, match="Checkpoint: dir is empty"):
+        Checkpoint("")
+
+
+def test_a_dir_that_is_a_file_is_refused_at_construction_saying_what_to_pass(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="Checkpoint: dir .*a_file' is a file, not a folder; pass a folder"):
+        Checkpoint(tmp_path / "a_file")
+
+
+def test_a_checkpoint_that_would_never_save_says_so_in_one_line(tmp_path):
+    with pytest.warns(UserWarning, match="Checkpoint: every_epoch=False and no every_steps: it saves only on"):
+        Checkpoint(tmp_path, every_epoch=False)

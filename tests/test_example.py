@@ -260,3 +260,10 @@ def test_resuming_a_finished_run_says_so_in_one_line_and_exits_0(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "already finished: 3 of 3 steps were done before, none was left to run" in again.stdout
     assert "done: 3 steps" not in again.stdout
+
+
+def test_an_empty_out_is_one_line_not_a_run_in_the_current_folder(capsys):
+    with pytest.raises(SystemExit) as info:
+        _example_module().parse_args(["--out", ""])
+    assert info.value.code == 2
+    assert "--out: an empty path" in capsys.readouterr().err
