@@ -277,11 +277,15 @@ class Checkpoint:
             error listing every difference; ``True`` applies the new ones from the resumed step on
             and prints each once.
 
-    One run per folder: ``fit`` holds an OS lock on ``dir`` (``.enginekit.lock``), so a second run
-    pointed at it refuses at once, naming the holder's pid, before touching anything; the kernel
-    drops the lock when the process dies. A save that fails (disk full, permissions, a second
+    One run per folder: ``fit`` holds an OS lock on ``dir`` itself (``.enginekit.lock`` only records
+    the holder's pid; deleting it releases nothing), so a second run pointed at it refuses at once
+    before touching anything; the kernel drops the lock when the process dies. Only regular files
+    are candidates (never a symlink), each taken for the step recorded inside it, not for its name;
+    a ``.sha256`` is read only when it is a small regular file. A save that fails (disk full, permissions, a second
     signal, non-finite weights) raises :class:`CheckpointWriteError` saying why in plain words and
-    which checkpoint is the newest on disk.
+    which checkpoint is the newest on disk; a second SIGINT/SIGTERM during a save abandons it (its
+    temporary file removed) and ends fit with :class:`~enginekit.TrainingAborted`, a line naming
+    the abandoned save and the newest checkpoint.
 
     Saves happen in ``on_save_point``, which the engine emits after every implementation of
     ``after_step`` / ``after_epoch`` has returned, so a checkpoint holds every other plugin's
