@@ -281,8 +281,8 @@ class Checkpoint:
     the holder's pid; deleting it releases nothing), so a second run pointed at it refuses at once
     before touching anything; the kernel drops the lock when the process dies. Only regular files
     are candidates (never a symlink), each taken for the step recorded inside it, not for its name;
-    a ``.sha256`` is read only when it is a small regular file. A save that fails (disk full, permissions, a second
-    signal, non-finite weights) raises :class:`CheckpointWriteError` saying why in plain words and
+    a ``.sha256`` is read only when it is a small regular file. A save that fails (disk full,
+    permissions, non-finite weights) raises :class:`CheckpointWriteError` saying why in plain words and
     which checkpoint is the newest on disk; a second SIGINT/SIGTERM during a save abandons it (its
     temporary file removed) and ends fit with :class:`~enginekit.TrainingAborted`, a line naming
     the abandoned save and the newest checkpoint.
