@@ -153,7 +153,7 @@ def test_hostile_files_deleted_locks_and_double_sigterms_lose_nothing(tmp_path, 
 
     # 1. a double SIGTERM at a random moment: exit 143 naming SIGTERM, no temporary file left
     proc = start(out)
-    time.sleep(rng.uniform(0.3, 0.8) * ref_time)
+    time.sleep(rng.uniform(0.2, 0.5) * ref_time)
     proc.send_signal(signal.SIGTERM)
     time.sleep(rng.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGTERM)
@@ -173,16 +173,24 @@ def test_hostile_files_deleted_locks_and_double_sigterms_lose_nothing(tmp_path, 
         proc = start(out, "--resume", stdout=subprocess.PIPE)
         if round_ == 0:
             # 3. a deleted lock while it runs: a second run with --overwrite is refused, nothing of the first lost
-            time.sleep(0.3 * ref_time)
+            seen = ""
+            for line in proc.stdout:  # it holds its locks from here on
+                seen += line
+                if _resumed_from(line) is not None:
+                    break
             for lock in (out / ".enginekit.lock", ckpts / ".enginekit.lock"):
                 lock.unlink(missing_ok=True)
-            intruder = start(out, "--overwrite")
-            assert wait(intruder, limit, "the refused second run") == 1
-            assert "in use by another run" in intruder.stderr.read()
+            proc.send_signal(signal.SIGSTOP)  # alive and holding the locks however long the intruder takes
+            try:
+                intruder = start(out, "--overwrite")
+                assert wait(intruder, limit, "the refused second run") == 1
+                assert "in use by another run" in intruder.stderr.read()
+            finally:
+                proc.send_signal(signal.SIGCONT)
             time.sleep(rng.uniform(0.0, 0.3) * ref_time)
             proc.send_signal(signal.SIGKILL)
             wait(proc, limit, "a killed run's exit")
-            resumed = _resumed_from(proc.stdout.read())
+            resumed = _resumed_from(seen + proc.stdout.read())
         else:
             code = wait(proc, limit, "the last resumed run")
             stdout = proc.stdout.read()
