@@ -317,6 +317,7 @@ def test_nan_under_the_skip_policy_leaves_state_and_schedule_unchanged(tmp_path)
     assert [p.name for p in Checkpoint(folder).checkpoints()][0] == "ckpt-00000007.pt"
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint. every_epoch=False:UserWarning")  # saving on the signal only
 def test_sigterm_saves_the_last_finished_step(tmp_path):
     folder = tmp_path / "ck"
 
@@ -563,6 +564,7 @@ def test_a_data_position_outside_the_loader_is_a_clear_error(tmp_path):
         engine.fit()
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint. every_epoch=False:UserWarning")  # saving on the signal only
 @pytest.mark.parametrize("hook", ["before_fit", "after_epoch", "after_fit"])
 def test_a_signal_at_any_moment_of_fit_ends_with_143_and_a_checkpoint(tmp_path, hook):
     from enginekit import TrainingInterrupted
