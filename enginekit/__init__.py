@@ -12,6 +12,7 @@ modules are implementation::
 """
 
 from .engine import Engine, NonFiniteLossError, TrainingInterrupted, lm_loss
+from .errors import TrainingAborted
 from .hookspec import hookimpl
 from .metrics import Metrics
 from .registry import PluginFailure, describe_error, plugin_failure
@@ -23,6 +24,7 @@ __all__ = [
     "NonFiniteLossError",
     "PluginFailure",
     "TrainState",
+    "TrainingAborted",
     "TrainingInterrupted",
     "describe_error",
     "hookimpl",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["count_tokens", "default_forward", "to_device"]
+__all__ = ["count_targets", "count_tokens", "default_forward", "to_device"]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -59,6 +59,14 @@ def count_tokens(batch: Any) -> int:
         return batch[0].numel()  # (inputs, targets, ...): the usual batch, counted without a walk
     found = _first_tensor(batch)
     return found.numel() if found is not None else 0
+
+
+def count_targets(batch: Any, ignore_index: int = -100) -> torch.Tensor | None:
+    """The target tokens :func:`~enginekit.engine.lm_loss` averages over in an ``(inputs, targets)``
+    batch (those not ``ignore_index``), as a tensor (no host read); None for another batch shape."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
+        return (batch[1] != ignore_index).sum()
+    return None
 
 
 def _describe(batch: Any) -> str:

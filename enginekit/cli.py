@@ -84,6 +84,11 @@ def cmd_plugins(_: argparse.Namespace) -> int:
 def cmd_hooks(args: argparse.Namespace) -> int:
     pm = _manager()
     for name in args.plugins:
+        if pm.get_plugin(name) is not None:  # pluggy's own refusal is a traceback
+            raise SystemExit(
+                f"enginekit: plugin {name!r} is named twice; name each plugin once (an engine registers a second "
+                f"one only under a name of its own: ('{name}_2', plugin))"
+            )
         pm.register(_resolve(name), name=name)
     print("Hooks, in the order one fit emits them (step hooks once per optimizer step):")
     for hook in HOOK_NAMES:

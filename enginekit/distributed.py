@@ -49,15 +49,28 @@ def available_devices() -> list[str]:
 
 def _check_available(asked: object, device: torch.device) -> None:
     """A device this machine lacks is one clear line, not torch's assertion deep in ``.to()``."""
-    if device.type == "cpu" or device.type == "meta":
+    if device.type == "cpu":
         return
+    if device.type == "meta":
+        raise ValueError(
+            f"device {str(asked)!r} cannot train: meta tensors hold no data (no loss, no update); pass 'auto' or a "
+            f"real device: {', '.join(available_devices())}"
+        )
     available = available_devices()
     if device.type == "cuda":
         ok = torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
     elif device.type == "mps":
         ok = "mps" in available
-    else:
-        return  # other backends (xpu, ...) report their own errors
+    else:  # other backends (xpu, xla, ...): a tensor there, or torch's reason in one line
+        try:
+            torch.empty(1, device=device)
+            return
+        except (RuntimeError, AssertionError, NotImplementedError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(
+                f"device {str(asked)!r} is not usable here ({reason}); it has: {', '.join(available)}. "
+                "Pass one of those, or 'auto' to pick the best"
+            ) from None
     if not ok:
         raise ValueError(
             f"device {str(asked)!r} is not available on this machine; it has: {', '.join(available)}. "

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import count_tokens, default_forward, to_device
-from .checks import check_count, check_number
+from .batches import count_targets, count_tokens, default_forward, to_device
+from .checks import check_count, check_hyperparameters, check_number, check_optimizer_of
 from .compiling import CompiledModules, compile_options
 from .distributed import Distributed, resolve_device, set_sampler_epoch
 from .errors import NonFiniteLossError, TrainingInterrupted
@@ -71,7 +71,8 @@ class Engine:
             inputs (see :func:`enginekit.batches.count_tokens`).
         precision: ``"fp32"``, ``"bf16"`` (autocast, CPU and CUDA) or ``"fp16"`` (autocast and a
             GradScaler; for CUDA, on CPU only to test that path).
-        grad_accum_steps: micro-batches per optimizer step; the loss is averaged over them.
+        grad_accum_steps: micro-batches per optimizer step. With the default ``lm_loss`` each weighs
+            by its target tokens (exactly the big batch's gradient); another ``loss_fn`` is averaged.
         nonfinite: ``"error"`` (raise :class:`NonFiniteLossError` before the update) or
             ``"skip"`` (drop the step's update and try the next batch for the same step).
         max_skips: with ``"skip"``, consecutive skipped steps tolerated before raising.
@@ -127,6 +128,7 @@ class Engine:
         if options is not None and strategy == "fsdp":  # not yet tried: compile per FSDP unit, after sharding
             raise ValueError("compile with strategy='fsdp' is not supported yet; use strategy='ddp' to compile")
         self._compiled = CompiledModules(options, self.print) if options is not None else None
+        check_optimizer_of(model, optimizer)
         self._nonfinite = NonFinitePolicy(nonfinite, max_skips)
         self.state = TrainState()
         self.metrics = Metrics()
@@ -211,6 +213,7 @@ class Engine:
             check_count("fit: ", "max_steps", max_steps)
         for i, group in enumerate(self.optimizer.param_groups):
             check_number("optimizer: ", f"param group {i}'s lr", group["lr"], minimum=0.0)
+        check_hyperparameters(self.optimizer)
         st.steps_per_epoch = self._steps_per_epoch()
         if epochs is None:
             epochs = 1 if max_steps is None else math.ceil(max_steps / st.steps_per_epoch)
@@ -249,7 +252,7 @@ class Engine:
                 self._read_device()
             elif self._dist.active:  # ranks leave the loop together, at the next read
                 self._held_stop, st.should_stop = self._held_stop or st.should_stop, False
-            self._emit("on_save_point", reason="step")
+            self._save_point("step")
             if self._signals.received is not None and (read_now or not self._dist.active):
                 self._stop_if_signalled()
         if self._sync.deferred:  # the epoch's last steps are read before anything reports on them
@@ -261,7 +264,12 @@ class Engine:
             st.step_in_epoch = st.batches_in_epoch = 0
         else:  # cut short (max_steps, should_stop): a later fit continues this epoch's data order
             self._position.cut_short(st.batches_in_epoch)
-        self._emit("on_save_point", reason="epoch")
+        self._save_point("epoch")
+
+    def _save_point(self, reason: str) -> None:
+        """Emit ``on_save_point``; a plugin that assigns a counter there fails, named (save points only write out)."""
+        with self.state.read_only("on_save_point"):
+            self._emit("on_save_point", reason=reason)
 
     def _read_device(self) -> None:
         """The host reads what the device kept: the deferred finite check, then (torchrun) the stop agreement."""
@@ -284,7 +292,7 @@ class Engine:
     def _stop_if_signalled(self) -> None:
         """After SIGINT/SIGTERM: a save point (a checkpoint of the last finished step if it lacks one), then stop."""
         if self._signals.received is not None:
-            self._emit("on_save_point", reason="signal")
+            self._save_point("signal")
             raise TrainingInterrupted(self._signals.received, self.state.step)
 
     def _train_step(self, micro_batches: list[Any]) -> bool:
@@ -347,27 +355,53 @@ class Engine:
 
     def _forward_backward(self, micro_batches: list[Any]) -> tuple[torch.Tensor, int]:
         n = len(micro_batches)
-        if n == 1:  # no accumulation: the usual step, on the shortest path
+        if n == 1 and not self._dist.active:  # no accumulation: the usual step, on the shortest path
             batch = to_device(micro_batches[0], self.device)
             return self._backward(batch, 1).detach(), count_tokens(batch)
+        batches = [to_device(batch, self.device) for batch in micro_batches]
+        weights = self._token_weights(batches)
         total: torch.Tensor | None = None
         tokens = 0
-        for i, batch in enumerate(micro_batches):
-            batch = to_device(batch, self.device)
+        for i, batch in enumerate(batches):
+            weight = None if weights is None else weights[i]
             if self._dist.active and i < n - 1:  # DDP/FSDP reduce gradients on the last micro-batch only
                 with self._dist.no_sync():
-                    loss = self._backward(batch, n)
+                    loss = self._backward(batch, n, weight)
             else:
-                loss = self._backward(batch, n)
+                loss = self._backward(batch, n, weight)
             total = loss.detach() if total is None else total + loss.detach()
             tokens += count_tokens(batch)
         assert total is not None
         return total, tokens
 
-    def _backward(self, batch: Any, n: int) -> torch.Tensor:
-        """One micro-batch: forward and loss (under autocast in bf16/fp16), averaged over ``n``, backward."""
+    def _token_weights(self, batches: list[Any]) -> torch.Tensor | None:
+        """Each micro-batch's share of the step's target tokens, over micro-batches and ranks, times
+        the world size (DDP averages gradients over ranks); None unless the loss is the default lm_loss.
+
+        lm_loss is a mean over a micro-batch's target tokens (those not -100): weighted so, the
+        step's gradient is the big batch's mean over all its target tokens, however unevenly they
+        fall (a short last batch, padding). Averaging per micro-batch means would weigh a token of
+        a short batch more. Another loss_fn gets the plain mean over micro-batches, exact when its
+        micro-batches weigh alike."""
+        if self.loss_fn is not lm_loss or self.forward_fn is not default_forward:
+            return None
+        counts = [count_targets(batch) for batch in batches]
+        if any(c is None for c in counts):
+            return None
+        exact = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        stacked = torch.stack(counts).to(exact)  # type: ignore[arg-type]
+        total = stacked.sum()
+        if self._dist.active:
+            total = self._dist.mean(total) * self.state.world_size
+        return stacked * self.state.world_size / total
+
+    def _backward(self, batch: Any, n: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """One micro-batch: forward and loss (under autocast in bf16/fp16), weighted by its share of
+        the step's target tokens (or averaged over ``n``), backward."""
         loss = self._forward_loss(self._training_module(), batch)
-        if n > 1:
+        if weight is not None:
+            loss = loss * weight.to(loss.dtype)
+        elif n > 1:
             loss = loss / n
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["NonFiniteLossError", "TrainingInterrupted"]
+__all__ = ["NonFiniteLossError", "TrainingAborted", "TrainingInterrupted"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -26,3 +26,24 @@ class TrainingInterrupted(SystemExit):
 
     def __str__(self) -> str:
         return f"training interrupted by {signal.Signals(self.signum).name} after {self.step} completed step(s)"
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM during ``fit``: stopped at once, without finishing the step or
+    the checkpoint write in progress (an abandoned write leaves no temporary file behind).
+
+    A ``KeyboardInterrupt`` (so code that catches Ctrl-C still catches it) that knows which
+    signal it was: ``exit_code`` is ``128 + signal number``, 130 for SIGINT, 143 for SIGTERM.
+    """
+
+    def __init__(self, signum: int, second: bool = True) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        self.second = second  # False: the first signal, outside fit (a script's own handler)
+
+    def __str__(self) -> str:
+        if not self.second:
+            return f"stopped by {self.signame} outside training"
+        return f"training aborted by a second {self.signame}: stopped at once, the step or save in progress unfinished"

@@ -52,8 +52,13 @@ class FolderBusyError(RuntimeError):
 
 def lock_folder(folder: str | os.PathLike[str], what: str = "run") -> None:
     """Take the exclusive lock of ``folder`` (created if missing), or raise :class:`FolderBusyError`
-    naming the holder's pid. An OS lock (``flock``) on ``folder/.enginekit.lock``: the kernel releases
-    it when the process dies, so kill -9 never leaves a stale lock. Re-entrant within a process."""
+    naming the holder's pid. Re-entrant within a process.
+
+    The lock is an OS lock (``flock``) on the folder itself, through a descriptor of the folder:
+    the kernel releases it when the process dies, so kill -9 never leaves a stale lock, and no
+    file can be deleted out from under it (a lock on ``.enginekit.lock`` ended when someone
+    removed that file "to clean up", and a second run then cleared the live run's checkpoints).
+    ``.enginekit.lock`` only records the holder's pid for the message."""
     import fcntl
 
     folder = Path(folder)
@@ -62,18 +67,29 @@ def lock_folder(folder: str | os.PathLike[str], what: str = "run") -> None:
     if key in _held:
         _held[key][1] += 1
         return
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        try:
+            holder = (folder / LOCK_FILE).read_text(errors="replace").strip()[:32] or "unknown"
+        except OSError:
+            holder = "unknown"
         raise FolderBusyError(
             f"{folder} is in use by another {what} (pid {holder}); wait for it to end, stop it, or use "
             "another folder. Nothing was touched"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        pid_fd = os.open(folder / LOCK_FILE, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            os.ftruncate(pid_fd, 0)
+            os.pwrite(pid_fd, f"{os.getpid()}\n".encode(), 0)
+        finally:
+            os.close(pid_fd)
+    except BaseException:
+        os.close(fd)
+        raise
     _held[key] = [fd, 1]
 
 

@@ -215,8 +215,9 @@ def on_save_point(engine: Engine, reason: str) -> None:
     Guaranteed: ``engine.state.step`` counts finished steps; every other plugin's work for the
     moment is done, whatever ``tryfirst``/``trylast`` they use. Implementations must not change
     training state (model, optimizer, RNG, counters, any plugin's ``state_dict``): they only
-    write it out, so several persisters are correct in any order. An exception here ends fit
-    with that exception (a note names the plugin): a failed save is never silent.
+    write it out, so several persisters are correct in any order (``engine.state`` is read-only
+    here: assigning a counter fails, naming the plugin). An exception here ends fit with that
+    exception (a note names the plugin): a failed save is never silent.
 
     May read: everything (the base lrs are back in ``param_groups``; ``engine.lr_scales`` and
     every plugin's state are final for the moment). May change: nothing; write it out.

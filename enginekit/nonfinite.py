@@ -40,8 +40,8 @@ class NonFinitePolicy:
         where = f"at step {state.step} (epoch {state.epoch + 1}, batch {state.batches_in_epoch} of the epoch)"
         if self.policy == "error":
             raise NonFiniteLossError(
-                f"training loss is {loss.item()} {where}; stopped before the update, so weights, "
-                "optimizer and checkpoints hold the last finite state. Lower the learning rate, "
+                f"training loss is {loss.item()} {where}; stopped before the update, so this step's gradients "
+                "reached neither the weights nor the optimizer state. Lower the learning rate, "
                 "check the data, or pass nonfinite='skip'"
             )
         state.skipped_steps += 1

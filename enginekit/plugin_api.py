@@ -4,7 +4,9 @@
   owner and the setting, as the built-in plugins give).
 * Files: :func:`atomic_write` (temporary file, fsync, rename, fsync of the folder) and the run
   lock :func:`lock_folder` / :func:`unlock_folder` (raises :class:`FolderBusyError`).
-* :func:`plugin_settings`: a plugin's constructor settings as they are now.
+* :func:`plugin_settings`: a plugin's constructor settings as they are now; :func:`blame`: a
+  plugin that calls another plugin's method (a checkpoint calling ``state_dict()``) names that
+  plugin in the error, not itself.
 * :func:`get_logger`: a logger under ``enginekit`` (rank 0 only, above a progress bar).
 * :func:`lr_preview`: the learning rate of every step under some schedule plugins, without a
   model or data, for plotting a schedule before training.
@@ -26,11 +28,12 @@ from .engine import Engine
 from .files import FolderBusyError, atomic_write, lock_folder, unlock_folder
 from .hookspec import hookimpl
 from .log import get_logger
-from .registry import plugin_settings
+from .registry import blame, plugin_settings
 
 __all__ = [
     "FolderBusyError",
     "atomic_write",
+    "blame",
     "check_count",
     "check_number",
     "get_logger",

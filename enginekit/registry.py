@@ -19,6 +19,7 @@ __all__ = [
     "HOOK_NAMES",
     "PluginFailure",
     "Registry",
+    "blame",
     "default_plugin_name",
     "describe_error",
     "plugin_failure",
@@ -54,10 +55,13 @@ class PluginFailure:
     hook_name: str
     step: int
     epoch: int
+    #: what the plugin was doing when it is not its own hook (its ``state_dict()``, called by Checkpoint)
+    detail: str = ""
 
     def __str__(self) -> str:
         where = f"at step {self.step} (epoch {self.epoch + 1})"  # epochs 1-based in messages, as the book prints
-        return f"plugin {self.plugin_name!r} failed in hook {self.hook_name!r} {where}"
+        doing = self.detail or f"in hook {self.hook_name!r}"
+        return f"plugin {self.plugin_name!r} failed {doing} {where}"
 
 
 _FAILURE_ATTRIBUTE = "__enginekit_failure__"
@@ -67,6 +71,18 @@ def plugin_failure(error: BaseException) -> PluginFailure | None:
     """The plugin, hook and step a hook's exception came from; None for an error of the engine's own."""
     failure = getattr(error, _FAILURE_ATTRIBUTE, None)
     return failure if isinstance(failure, PluginFailure) else None
+
+
+def blame(error: BaseException, plugin_name: str, hook_name: str, state: Any, detail: str = "") -> BaseException:
+    """Note on ``error`` that plugin ``plugin_name`` caused it (a persister that called another
+    plugin's ``state_dict()`` names that plugin, not itself); the engine then adds no note of its own."""
+    failure = PluginFailure(plugin_name, hook_name, state.step, state.epoch, detail)
+    error.add_note(str(failure))
+    try:
+        setattr(error, _FAILURE_ATTRIBUTE, failure)
+    except AttributeError:  # an exception type with __slots__ and no __dict__: the note must do
+        pass
+    return error
 
 
 def describe_error(error: BaseException) -> str:
@@ -249,10 +265,4 @@ class Registry:
             if tb.tb_frame.f_code in impls:
                 plugin_name = impls[tb.tb_frame.f_code]
             tb = tb.tb_next
-        state = self.engine.state
-        failure = PluginFailure(plugin_name, hook_name, state.step, state.epoch)
-        exc.add_note(str(failure))
-        try:
-            setattr(exc, _FAILURE_ATTRIBUTE, failure)
-        except AttributeError:  # an exception type with __slots__ and no __dict__: the note must do
-            pass
+        blame(exc, plugin_name, hook_name, self.engine.state)

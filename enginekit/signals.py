@@ -8,12 +8,15 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .errors import TrainingAborted
+
 __all__ = ["StopSignals"]
 
 
 class StopSignals:
     """While installed, the first SIGINT/SIGTERM is only remembered (``received``), so the loop
-    can finish the step, save and raise; a second one aborts at once (``KeyboardInterrupt``).
+    can finish the step, save and raise; a second one aborts at once (:class:`~enginekit.errors.TrainingAborted`, a
+    ``KeyboardInterrupt`` that names the signal).
     The previous handlers come back when the ``with`` block ends."""
 
     def __init__(self, announce: Callable[[str], None]) -> None:
@@ -22,7 +25,7 @@ class StopSignals:
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise TrainingAborted(signum)
         self.received = signum
         self._announce(f"enginekit: {signal.Signals(signum).name} received, stopping after the current step")
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -114,6 +115,28 @@ class TrainState:
     def reset_plan(self) -> None:
         """The engine's reset at the start of every fit: default plan facts, no owners yet."""
         self._warmup_steps, self._lr_decay, self._owners = 0, None, {}
+
+    #: while set (the name of a hook), assigning a field raises: see :meth:`read_only`
+    _read_only_in: ClassVar[str | None] = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        hook = self._read_only_in
+        if hook is not None:
+            # raised in the frame of the plugin that assigns, so the failure's note names that plugin
+            raise RuntimeError(
+                f"engine.state.{name} was changed in {hook}; save points only write state out: change "
+                "counters in after_step or after_epoch"
+            )
+        super().__setattr__(name, value)
+
+    @contextlib.contextmanager
+    def read_only(self, hook: str) -> Iterator[None]:
+        """While the engine emits ``hook`` (``on_save_point``), assigning any field is an error."""
+        object.__setattr__(self, "_read_only_in", hook)
+        try:
+            yield
+        finally:
+            object.__delattr__(self, "_read_only_in")
 
     @property
     def is_main(self) -> bool:

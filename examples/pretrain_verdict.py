@@ -12,11 +12,14 @@ batch, a greedy sample after each epoch, a checkpoint after each epoch.
     enginekit prepare my_texts/ --out corpus/ && python examples/pretrain_verdict.py --data corpus/ --max-steps 5000
     torchrun --standalone --nproc_per_node=2 examples/pretrain_verdict.py --model tiny
 
-Exit status: 0 done; 1 a training error (bad setting found at fit time, plugin failure,
+Exit status: 0 done (also a --resume of a run that is already finished: one line says so, and
+no step runs); 1 a training error (bad setting found at fit time, plugin failure,
 corrupt checkpoints, another run using OUT); 2 bad command-line arguments (also an OUT that
 cannot be written); 3 non-finite loss; 4 a checkpoint could not be written (disk full,
-non-finite weights, a second signal during a save: the line says which checkpoint is the newest);
-130 after SIGINT and 143 after SIGTERM (a checkpoint of the last finished step was written first).
+non-finite weights: the line says which checkpoint is the newest); 130 after SIGINT and 143 after
+SIGTERM: after one signal a checkpoint of the last finished step was written first; after a second
+one the run stopped at once, a save in progress abandoned (its lines say so and name the newest
+checkpoint on disk); a signal outside training also ends with 130/143.
 """
 
 from __future__ import annotations
@@ -25,13 +28,22 @@ import argparse
 import ast
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from enginekit import Engine, NonFiniteLossError, TrainingInterrupted, describe_error, plugin_failure
+from enginekit import (
+    Engine,
+    NonFiniteLossError,
+    TrainingAborted,
+    TrainingInterrupted,
+    describe_error,
+    plugin_failure,
+)
 from enginekit.data import corpus_loaders, verdict_loaders
 from enginekit.fast import FAST, adamw, allow_tf32
 from enginekit.gpt import (
@@ -201,8 +213,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument(
         "--out",
-        type=Path,
-        default=Path("runs/verdict"),
+        dest="out_text",
+        metavar="OUT",
+        default="runs/verdict",
         help="metrics.jsonl, losses.png, lr.png, model.pt, checkpoints/",
     )
     s = p.add_argument_group("schedule and clipping (appendix D)")
@@ -266,6 +279,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--plot-lr", action="store_true", help="draw the chosen schedule to OUT/lr.png and exit without training"
     )
     args = p.parse_args(argv)
+    if not str(args.out_text):  # Path("") would be the current folder: the classic unset variable
+        p.error("--out: an empty path (an unset variable?); pass the folder for this run's files")
+    args.out = Path(args.out_text)
     if args.fast:
         args.compile, args.tf32 = FAST["compile"], FAST["tf32"]
         args.adamw = FAST["adamw"] if args.adamw == "auto" else args.adamw
@@ -333,12 +349,34 @@ def plot_schedule(args: argparse.Namespace, steps_per_epoch: int) -> int:
     return 0
 
 
+def _stop_outside_fit(signum: int, frame: object) -> None:
+    raise TrainingAborted(signum, second=False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM outside fit (which handles it itself) ends like Ctrl-C, through the finally clauses
+    # that remove temporary files, instead of killing the process in the middle of a write
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_outside_fit) if main_thread else None
     try:
         return run(argv)
-    except KeyboardInterrupt:  # Ctrl-C outside fit (which handles it itself): one line, not a traceback
+    except TrainingAborted as exc:  # a second signal inside fit, or one outside it: the line names it
+        print(f"{exc}{_newest_hint(argv)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside fit: one line, not a traceback
         print("interrupted (Ctrl-C)", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _newest_hint(argv: list[str] | None) -> str:
+    try:
+        args = parse_args(argv)
+    except SystemExit:
+        return ""
+    return "" if args.no_checkpoint else f"; checkpoints in {args.out / 'checkpoints'}, continue with --resume"
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -357,6 +395,8 @@ def run(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
+        for leftover in args.out.glob(".model.pt.*.tmp"):  # a write cut off by kill -9; OUT is ours now
+            leftover.unlink(missing_ok=True)
         return train(args)
     finally:
         unlock_folder(args.out)
@@ -455,9 +495,17 @@ def train(args: argparse.Namespace) -> int:
     # with fsdp gathered from every rank's shard (every rank calls it); the book's shapes even with
     # --pad-vocab, so the book's code loads model.pt as it is
     weights = unpadded_state_dict(model, engine.model_state_dict())
+    checkpoint = next((p for p in engine.plugins.values() if isinstance(p, Checkpoint)), None)
     if main_process:
         args.out.mkdir(parents=True, exist_ok=True)
+        # written again when resumed finished too: a kill between the last checkpoint and model.pt left none
         atomic_write(args.out / "model.pt", lambda f: torch.save(weights, f))
+        if checkpoint is not None and checkpoint.resumed_step is not None and checkpoint.resumed_step == state.step:
+            engine.print(
+                f"already finished: {state.step} of {state.total_steps} steps were done before, none was left to "
+                f"run (pass a larger --epochs or --max-steps to go on); weights in {args.out / 'model.pt'}"
+            )
+            return 0
         if args.export is not None:
             try:
                 exported = GPTModel({k: v for k, v in model.cfg.items() if k != "vocab_padding_multiple"})
@@ -474,4 +522,12 @@ def train(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in (130, 143):
+        # Stopped by a signal: every file is closed and synced, and the interpreter's own shutdown
+        # after an interrupted step aborted now and then in torch's C++ teardown ("terminate called
+        # without an active exception", status 134 instead of 143), so the process ends here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -11,6 +11,7 @@ import shutil
 import stat
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,11 +19,12 @@ from typing import Any, BinaryIO
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from enginekit import Engine
+from enginekit import Engine, TrainingAborted
 from enginekit.hookspec import hookimpl
 from enginekit.plugin_api import (
     FolderBusyError,
     atomic_write,
+    blame,
     check_count,
     get_logger,
     lock_folder,
@@ -54,6 +56,10 @@ class CheckpointWriteError(CheckpointError):
     nothing was saved for that moment, and the message says which checkpoint is the newest on disk."""
 
 
+class _Abandoned(OSError):
+    """A background write stopped because a second signal asked the process to end now."""
+
+
 class _HashingWriter:
     """File wrapper that hashes what torch.save writes, so the file is not read back, and writes
     it to disk past the page cache where the filesystem allows (``O_DIRECT``).
@@ -79,8 +85,9 @@ class _HashingWriter:
     HASH_BESIDE_MIN = 256 << 10  # records this big are hashed by a second thread while written
     ALIGN = 4096  # of memory, file offsets and lengths for O_DIRECT on common block devices
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, abandon: threading.Event | None = None) -> None:
         self.f = f
+        self.abandon = abandon
         self.fd = f.fileno()
         self.sha = hashlib.sha256()
         self.written = self.synced = 0
@@ -91,6 +98,8 @@ class _HashingWriter:
 
     def write(self, data: bytes | memoryview) -> int:
         try:
+            if self.abandon is not None and self.abandon.is_set():
+                raise _Abandoned("abandoned after a second signal")
             return self._write(data)
         except OSError as exc:
             # torch.save reports a failed write as "unexpected pos ..."; keep the real cause
@@ -238,7 +247,7 @@ def _set_direct(fd: int, on: bool) -> bool:
 
 def sha256_file(path: Path) -> str:
     sha = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)
     return sha.hexdigest()
@@ -276,11 +285,15 @@ class Checkpoint:
             error listing every difference; ``True`` applies the new ones from the resumed step on
             and prints each once.
 
-    One run per folder: ``fit`` holds an OS lock on ``dir`` (``.enginekit.lock``), so a second run
-    pointed at it refuses at once, naming the holder's pid, before touching anything; the kernel
-    drops the lock when the process dies. A save that fails (disk full, permissions, a second
-    signal, non-finite weights) raises :class:`CheckpointWriteError` saying why in plain words and
-    which checkpoint is the newest on disk.
+    One run per folder: ``fit`` holds an OS lock on ``dir`` itself (``.enginekit.lock`` only records
+    the holder's pid; deleting it releases nothing), so a second run pointed at it refuses at once
+    before touching anything; the kernel drops the lock when the process dies. Only regular files
+    are candidates (never a symlink), each taken for the step recorded inside it, not for its name;
+    a ``.sha256`` is read only when it is a small regular file. A save that fails (disk full,
+    permissions, non-finite weights) raises :class:`CheckpointWriteError` saying why in plain words and
+    which checkpoint is the newest on disk; a second SIGINT/SIGTERM during a save abandons it (its
+    temporary file removed) and ends fit with :class:`~enginekit.TrainingAborted`, a line naming
+    the abandoned save and the newest checkpoint.
 
     Saves happen in ``on_save_point``, which the engine emits after every implementation of
     ``after_step`` / ``after_epoch`` has returned, so a checkpoint holds every other plugin's
@@ -310,6 +323,18 @@ class Checkpoint:
         ):
             raise ValueError(f"Checkpoint: every_steps must be an int >= 1 or None, got {every_steps!r}")
         check_count("Checkpoint: ", "keep_last", keep_last)
+        if not os.fspath(dir):  # Path("") is the current folder: the classic unset variable
+            raise ValueError("Checkpoint: dir is empty (an unset variable?); pass the folder for checkpoints")
+        if Path(dir).exists() and not Path(dir).is_dir():
+            raise ValueError(
+                f"Checkpoint: dir {os.fspath(dir)!r} is a file, not a folder; pass a folder for checkpoints"
+            )
+        if not every_epoch and every_steps is None:
+            warnings.warn(
+                "Checkpoint: every_epoch=False and no every_steps: it saves only on SIGINT/SIGTERM; pass every_steps=N "
+                "or every_epoch=True to save during training",
+                stacklevel=2,
+            )
         self.dir = Path(dir)
         self.every_steps = every_steps
         self.every_epoch = every_epoch
@@ -321,10 +346,13 @@ class Checkpoint:
         self.async_write = async_write
         self.last_saved: int | None = None
         self.resumed_from: Path | None = None
+        self.resumed_step: int | None = None  # the step resumed at (equal to the plan's end: nothing ran)
         self._locked = False
         self._writer: threading.Thread | None = None
         self._background_error: BaseException | None = None
         self._host_copy = _HostCopy()
+        self._abandon = threading.Event()  # set on a second signal: a write in flight stops
+        self._abandoned: str | None = None  # the checkpoint whose write a second signal cut off
 
     # ------------------------------------------------------------------ hooks
 
@@ -335,6 +363,8 @@ class Checkpoint:
                 "strategy='fsdp' cannot be checkpointed yet (sharded state needs the DCP backend, next); "
                 "run without Checkpoint (--no-checkpoint)"
             )
+        self._abandon.clear()
+        self._abandoned = None
         busy = None
         if engine.state.is_main:  # one run per folder, before anything in it is touched
             try:
@@ -377,12 +407,25 @@ class Checkpoint:
 
     @hookimpl
     def on_exception(self, engine: Engine, error: BaseException) -> None:
+        aborted = isinstance(error, TrainingAborted)
+        if aborted:
+            self._abandon.set()  # a second signal: the write in flight stops at its next block
         try:
             self.wait()  # finish the write in flight: it holds the newest good state
         except CheckpointWriteError as exc:
-            engine.print(f"Checkpoint: {exc}")
+            if not aborted:
+                engine.print(f"Checkpoint: {exc}")
         finally:
             self._host_copy.release()
+            if aborted and engine.state.is_main:
+                # the signal may have cut an atomic write between its rename and its clean-up
+                for leftover in self.dir.glob(f".ckpt-*.{os.getpid()}.tmp"):
+                    leftover.unlink(missing_ok=True)
+                abandoned = f"abandoned the save of {self._abandoned}; " if self._abandoned else ""
+                signame = error.signame if isinstance(error, TrainingAborted) else "signal"
+                engine.print(
+                    f"Checkpoint: stopped by a second {signame}; {abandoned}{self._newest_line(hash=False)}"
+                )
             self._unlock()
 
     def _unlock(self) -> None:
@@ -486,6 +529,10 @@ class Checkpoint:
         except FolderBusyError as exc:
             return CheckpointWriteError(f"could not write {path.name}: {exc}")
         except BaseException as exc:
+            if isinstance(exc, (TrainingAborted, _Abandoned)):
+                self._abandoned = path.name
+                if isinstance(exc, TrainingAborted):
+                    raise  # the process ends now; on_exception says what was abandoned
             return self._write_error(path, exc, needs)
         return None
 
@@ -493,13 +540,21 @@ class Checkpoint:
         _lowest_priority()
         self._background_error = self._write_now(path, payload, needs)
 
-    def _newest_line(self) -> str:
-        newest = next((p for p in self.checkpoints() if self.verify(p) is None), None)
+    def _newest_line(self, hash: bool = True) -> str:
+        """Which checkpoint is the newest good one; ``hash=False``: the newest complete one, unhashed
+        (a process asked twice to end does not read gigabytes first)."""
+
+        def good(p: Path) -> bool:
+            if _not_a_checkpoint_file(p) is not None:
+                return False
+            return self.verify(p) is None if hash else p.with_name(p.name + ".sha256").is_file()
+
+        newest = next((p for p in self.checkpoints() if good(p)), None)
         return f"the newest checkpoint on disk is {newest.name}" if newest else "no checkpoint is on disk yet"
 
     def _write_error(self, path: Path, exc: BaseException, needs: int) -> BaseException:
         """Plain words for a failed write, whatever torch's own message was."""
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, (KeyboardInterrupt, _Abandoned)):
             cause = "interrupted by a second signal"
         else:
             free = shutil.disk_usage(self.dir).free
@@ -544,7 +599,7 @@ class Checkpoint:
         digest: list[str] = []
 
         def write(f: BinaryIO) -> None:
-            writer = _HashingWriter(f)
+            writer = _HashingWriter(f, self._abandon)
             # no per-record CRC32: the sha256 of the whole file already guards it, and computing
             # both doubled the CPU time of a save (torch.load does not need the CRCs)
             try:
@@ -575,7 +630,11 @@ class Checkpoint:
     def _plugin_states(self, engine: Engine) -> dict[str, Any]:
         states = {}
         for name, plugin in self._stateful(engine).items():
-            state = plugin.state_dict()
+            try:
+                state = plugin.state_dict()
+            except Exception as exc:
+                _blame(name, "state_dict", engine, exc, f"to save step {engine.state.step}")
+                raise
             bad = _unsafe_value(state, name)
             if bad is not None:
                 raise CheckpointError(
@@ -605,11 +664,21 @@ class Checkpoint:
     def verify(self, path: Path) -> str | None:
         """Why ``path`` must not be loaded, or None when its recorded sha256 matches."""
         sha_path = path.with_name(path.name + ".sha256")
-        if not sha_path.exists():
-            return "no .sha256 file beside it (its write did not finish)"
         try:
-            recorded = sha_path.read_text().split()[0]
-        except (OSError, IndexError):
+            info = sha_path.lstat()  # not stat(): a link is never followed, to a FIFO or /dev/zero least of all
+        except FileNotFoundError:
+            return "no .sha256 file beside it (its write did not finish)"
+        except OSError as exc:
+            return f"its .sha256 file is unreadable ({exc.strerror or exc})"
+        if stat.S_ISLNK(info.st_mode):
+            return "its .sha256 file is not a regular file (a symbolic link: only regular files are trusted)"
+        if not stat.S_ISREG(info.st_mode):
+            return "its .sha256 file is not a regular file"
+        if info.st_size > _SHA_FILE_MAX:
+            return f"its .sha256 file is {info.st_size} bytes, too big for one hash line"
+        try:
+            recorded = _read_regular(sha_path, _SHA_FILE_MAX).decode("ascii").split()[0]
+        except (OSError, ValueError, IndexError):
             return "its .sha256 file is unreadable"
         try:
             actual = sha256_file(path)
@@ -621,7 +690,7 @@ class Checkpoint:
 
     def load(self, path: Path, map_location: Any = "cpu") -> dict[str, Any]:
         """Verify and load one checkpoint with ``weights_only=True`` (never unsafe unpickling)."""
-        problem = self.verify(path)
+        problem = _not_a_checkpoint_file(path) or self.verify(path)
         if problem is not None:
             raise CheckpointError(f"{path.name}: {problem}")
         try:
@@ -635,6 +704,15 @@ class Checkpoint:
         if payload.get("version") != VERSION:
             raise CheckpointError(
                 f"{path.name}: checkpoint format version {payload.get('version')}, expected {VERSION}"
+            )
+        named = _NAME.match(path.name)
+        engine_state = payload.get("engine")
+        held = engine_state.get("step") if isinstance(engine_state, dict) else None
+        if named is not None and held != int(named.group(1)):
+            # the name orders candidates and pruning; one that lies would roll the run back
+            raise CheckpointError(
+                f"{path.name}: it holds step {held}, not step {int(named.group(1))} as its name says "
+                "(renamed or copied?)"
             )
         return payload
 
@@ -770,14 +848,31 @@ class Checkpoint:
                 group.update({k: v for k, v in current.items() if k not in ("params", "lr")})
         for name, plugin in stateful.items():
             if name in saved:
-                plugin.load_state_dict(saved[name])
+                try:
+                    plugin.load_state_dict(saved[name])
+                except Exception as exc:
+                    _blame(name, "load_state_dict", engine, exc, f"to resume from {path.name}")
+                    raise
         engine.load_state_dict(payload["engine"])
         self.last_saved = payload["engine"]["step"]
-        self.resumed_from = path
-        engine.print(f"Checkpoint: resumed from {path.name} (step {engine.state.step}, epoch {engine.state.epoch + 1})")
+        self.resumed_from, self.resumed_step = path, engine.state.step
+        st = engine.state
+        if st.step >= st.total_steps:  # said, not a "successful" fit of 0 steps
+            engine.print(
+                f"Checkpoint: {path.name} is the end of this run's plan (step {st.step} of {st.total_steps}): the run "
+                "is already finished, nothing left to train (ask for more epochs or steps to go on)"
+            )
+            return
+        engine.print(f"Checkpoint: resumed from {path.name} (step {st.step}, epoch {st.epoch + 1})")
 
 
 _IMPLEMENTATION_KEYS = {"params", "lr", "foreach", "fused", "capturable", "differentiable"}
+
+
+def _blame(name: str, method: str, engine: Engine, exc: Exception, why: str) -> None:
+    """A plugin's own method failed while Checkpoint called it: the error names that plugin, not Checkpoint."""
+    hook = "before_fit" if method == "load_state_dict" else "on_save_point"
+    blame(exc, name, hook, engine.state, f"in its {method}(), called by Checkpoint {why},")
 
 
 def _plain(value: Any) -> bool:
@@ -834,12 +929,31 @@ def _check_same_model(path: Path, own: dict[str, Any], saved: dict[str, Any]) ->
         )
 
 
-def _not_a_checkpoint_file(path: Path) -> str | None:
-    """Why ``path`` is not even a candidate (a device, a folder, a link to one, an empty file), or None."""
+_SHA_FILE_MAX = 4096  # a sha256sum line is 64 hex digits, two spaces and the name
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``path``, which must be a regular file reached without a symlink.
+
+    ``O_NONBLOCK`` keeps a FIFO put there after the check from blocking the open; ``O_NOFOLLOW``
+    refuses a link swapped in after it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
-        info = path.stat()  # follows a symlink: what matters is what would be read
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _not_a_checkpoint_file(path: Path) -> str | None:
+    """Why ``path`` is not even a candidate (a symlink, a device, a folder, an empty file), or None."""
+    try:
+        info = path.lstat()  # a symlink is never followed: only regular files are candidates
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISLNK(info.st_mode):
+        return "not a regular file (a symbolic link: only regular files are candidates)"
     if not stat.S_ISREG(info.st_mode):
         return "not a regular file"
     if info.st_size < 22:  # smaller than the end record of any zip archive

@@ -317,6 +317,7 @@ def test_nan_under_the_skip_policy_leaves_state_and_schedule_unchanged(tmp_path)
     assert [p.name for p in Checkpoint(folder).checkpoints()][0] == "ckpt-00000007.pt"
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint. every_epoch=False:UserWarning")  # saving on the signal only
 def test_sigterm_saves_the_last_finished_step(tmp_path):
     folder = tmp_path / "ck"
 
@@ -563,6 +564,7 @@ def test_a_data_position_outside_the_loader_is_a_clear_error(tmp_path):
         engine.fit()
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint. every_epoch=False:UserWarning")  # saving on the signal only
 @pytest.mark.parametrize("hook", ["before_fit", "after_epoch", "after_fit"])
 def test_a_signal_at_any_moment_of_fit_ends_with_143_and_a_checkpoint(tmp_path, hook):
     from enginekit import TrainingInterrupted
@@ -1144,3 +1146,262 @@ def test_a_full_disk_under_direct_writes_is_said_in_plain_words(tmp_path, direct
     with pytest.raises(CheckpointWriteError, match=r"could not write ckpt-00000004.pt: no space left on device"):
         drive([Checkpoint(tmp_path, every_steps=4, every_epoch=False)], steps_per_epoch=4)
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".ckpt-*.tmp"))
+
+
+# ---------------------------------------------------------------- trust no file name, lock path or side file (issue 29)
+
+
+def test_a_renamed_checkpoint_is_taken_for_the_step_it_holds_not_its_name(two_checkpoints, capsys):
+    # an older checkpoint (and its hash) under a newer name: resuming from it would drop steps 3-6
+    for suffix in ("", ".sha256"):
+        shutil.copy(two_checkpoints / f"ckpt-00000003.pt{suffix}", two_checkpoints / f"ckpt-00000099.pt{suffix}")
+    engine = resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000099.pt: it holds step 3, not step 99 as its name says" in out
+    assert "resumed from ckpt-00000006.pt (step 6" in out and engine.state.step == 7
+    # set aside, so pruning keeps exactly keep_last and the next resume does not go back to it
+    assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == [
+        "ckpt-00000007.pt",
+        "ckpt-00000006.pt",
+        "ckpt-00000003.pt",
+    ]
+
+
+def test_a_symlinked_candidate_or_hash_is_never_followed(two_checkpoints, capsys):
+    (two_checkpoints / "ckpt-00000099.pt").symlink_to(two_checkpoints / "ckpt-00000003.pt")
+    (two_checkpoints / "ckpt-00000099.pt.sha256").symlink_to(two_checkpoints / "ckpt-00000003.pt.sha256")
+    engine = resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000099.pt: not a regular file (a symbolic link" in out
+    assert "resumed from ckpt-00000006.pt (step 6" in out and engine.state.step == 7
+
+
+_RESUME_IN_A_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a hash file read without end fails, not the machine
+from enginekit.plugins import Checkpoint
+path, _ = Checkpoint(sys.argv[1]).load_latest()
+print("chose", path.name)
+"""
+
+
+@pytest.mark.parametrize("odd", ["fifo", "dev-zero"])
+def test_an_odd_hash_file_beside_a_good_checkpoint_is_skipped_not_read(two_checkpoints, odd):
+    sha = two_checkpoints / "ckpt-00000006.pt.sha256"
+    sha.unlink()
+    if odd == "fifo":
+        os.mkfifo(sha)  # opened for reading, it blocks until a writer comes: forever
+    else:
+        sha.symlink_to("/dev/zero")  # read to its end, it grows memory without end
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _RESUME_IN_A_CHILD, str(two_checkpoints)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("choosing a checkpoint hung on the odd .sha256 file (no answer in 120 s)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping ckpt-00000006.pt: its .sha256 file is not a regular file" in proc.stdout
+    assert "chose ckpt-00000003.pt" in proc.stdout
+
+
+def test_deleting_the_lock_files_does_not_let_a_second_run_clobber_a_live_one(two_checkpoints):
+    code = (
+        "import sys, time; from enginekit.files import lock_folder; "
+        f"lock_folder({str(two_checkpoints)!r}); print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (two_checkpoints / ".enginekit.lock").unlink()  # the user "cleans up a stale lock"
+        before = sorted(p.name for p in two_checkpoints.iterdir())
+        with pytest.raises(CheckpointError, match="in use by another run's Checkpoint"):
+            drive(Checkpoint(two_checkpoints, overwrite=True), steps_per_epoch=2)
+        assert sorted(p.name for p in two_checkpoints.iterdir()) == before  # the live run's checkpoints survive
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- a second signal: named right, nothing left behind
+
+
+def _two_sigterms_in(hook: str, at_step: int):
+    """A plugin that sends SIGTERM twice in ``hook`` of step ``at_step`` (the first handled before the second)."""
+
+    def twice(self, engine, **_):
+        if engine.state.step == at_step:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+
+    return type("TwoTerms", (), {hook: hookimpl(lambda self, engine: twice(self, engine))})()
+
+
+def test_two_quick_sigterms_inside_a_step_end_as_sigterm_naming_the_newest_checkpoint(tmp_path, capsys):
+    from enginekit import TrainingAborted
+
+    with pytest.raises(TrainingAborted) as info:
+        drive(
+            [_two_sigterms_in("after_backward", 3), Checkpoint(tmp_path, every_steps=2, async_write=False)],
+            steps_per_epoch=6,
+        )
+    assert isinstance(info.value, KeyboardInterrupt)  # code that catches Ctrl-C still catches it
+    assert info.value.exit_code == 143 and "second SIGTERM" in str(info.value) and "Ctrl-C" not in str(info.value)
+    out = capsys.readouterr().out
+    assert "Checkpoint: stopped by a second SIGTERM; the newest checkpoint on disk is ckpt-00000002.pt" in out
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_second_sigterm_during_a_save_abandons_it_says_so_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    from enginekit import TrainingAborted
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    real_write = ckpt_module._HashingWriter.write
+    sent = []
+
+    def write(self, data):
+        if not sent:  # the save of the signal's save point, half written
+            sent.append(True)
+            signal.raise_signal(signal.SIGTERM)
+        return real_write(self, data)
+
+    class Term:
+        @hookimpl
+        def after_backward(self, engine):
+            if engine.state.step == 3:
+                monkeypatch.setattr(ckpt_module._HashingWriter, "write", write)
+                signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(TrainingAborted) as info:
+        drive([Term(), Checkpoint(tmp_path, every_steps=2, async_write=False)], steps_per_epoch=6)
+    assert info.value.exit_code == 143
+    out = capsys.readouterr().out
+    assert (
+        "Checkpoint: stopped by a second SIGTERM; abandoned the save of ckpt-00000004.pt; "
+        "the newest checkpoint on disk is ckpt-00000002.pt" in out
+    )
+    assert [p.name for p in Checkpoint(tmp_path).checkpoints()] == ["ckpt-00000002.pt"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_second_sigterm_abandons_a_background_save_and_removes_its_temporary_file(tmp_path, monkeypatch, capsys):
+    from enginekit import TrainingAborted
+    from enginekit.plugins import checkpoint as ckpt_module
+
+    real_write = ckpt_module._HashingWriter.write
+
+    def write(self, data):
+        if threading.current_thread().name.startswith("enginekit-ckpt"):
+            self.abandon.wait(timeout=30)  # held until the signals come: a write in flight
+        return real_write(self, data)
+
+    monkeypatch.setattr(ckpt_module._HashingWriter, "write", write)
+    with pytest.raises(TrainingAborted):
+        drive([_two_sigterms_in("after_backward", 3), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=6)
+    out = capsys.readouterr().out
+    assert "Checkpoint: stopped by a second SIGTERM; abandoned the save of ckpt-00000002.pt" in out
+    assert "no checkpoint is on disk yet" in out
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("ckpt-*"))
+
+
+# ---------------------------------------------------------------- resume at an epoch boundary, the last step, finished
+
+
+def _trained(folder: Path, resume: bool = False, **fit_kwargs):
+    tracker = LossTracker(eval_freq=2)
+    engine = make_engine([tracker, Checkpoint(folder, every_steps=1, resume=resume)], steps_per_epoch=6)
+    engine.fit(**fit_kwargs)
+    return engine, tracker
+
+
+def _same_run(a, b) -> None:
+    (ea, ta), (eb, tb) = a, b
+    assert ea.state.step == eb.state.step and ea.state.epoch == eb.state.epoch
+    assert all(torch.equal(x, y) for x, y in zip(ea.model.state_dict().values(), eb.model.state_dict().values()))
+    assert ta.state_dict() == tb.state_dict()
+
+
+@pytest.mark.parametrize("stopped_at", [6, 11], ids=["epoch-boundary", "before-the-last-step"])
+def test_a_resume_at_an_epoch_boundary_or_before_the_last_step_continues_exactly(tmp_path, stopped_at):
+    whole = _trained(tmp_path / "whole", epochs=2)
+    _trained(tmp_path / "cut", epochs=2, max_steps=stopped_at)
+    resumed = _trained(tmp_path / "cut", resume=True, epochs=2)
+    assert resumed[0].state.step == 12
+    _same_run(whole, resumed)
+
+
+def test_resuming_a_finished_run_says_it_is_finished_and_trains_nothing(tmp_path, capsys):
+    whole = _trained(tmp_path, epochs=2)
+    capsys.readouterr()
+    again = _trained(tmp_path, resume=True, epochs=2)
+    out = capsys.readouterr().out
+    assert (
+        "Checkpoint: ckpt-00000012.pt is the end of this run's plan (step 12 of 12): the run is already finished, "
+        "nothing left to train" in out
+    )
+    checkpoint = next(p for p in again[0].plugins.values() if isinstance(p, Checkpoint))
+    assert checkpoint.resumed_step == again[0].state.step == 12
+    _same_run(whole, again)
+
+
+# ---------------------------------------------------------------- the right plugin named, save points enforced
+
+
+class _Stateful:
+    def __init__(self, fail_in: str) -> None:
+        self._fail_in = fail_in  # not a setting (no attribute of its name): resuming with another is no change
+
+    @hookimpl
+    def after_step(self, engine, loss):
+        pass
+
+    def state_dict(self):
+        if self._fail_in == "state_dict":
+            raise RuntimeError("cannot pickle the lambda")
+        return {"n": 1}
+
+    def load_state_dict(self, state):
+        if self._fail_in == "load_state_dict":
+            raise KeyError("n2")
+
+
+def test_a_plugins_failing_state_dict_is_blamed_on_that_plugin_not_on_checkpoint(tmp_path):
+    from enginekit import describe_error, plugin_failure
+
+    with pytest.raises(RuntimeError) as info:
+        drive([("tracker", _Stateful("state_dict")), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=4)
+    assert plugin_failure(info.value).plugin_name == "tracker"
+    assert describe_error(info.value).startswith("plugin 'tracker' failed in its state_dict()")
+    assert "cannot pickle the lambda" in describe_error(info.value)
+
+
+def test_a_plugins_failing_load_state_dict_is_blamed_on_that_plugin_not_on_checkpoint(tmp_path):
+    from enginekit import describe_error, plugin_failure
+
+    drive([("tracker", _Stateful("")), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=4)
+    with pytest.raises(KeyError) as info:
+        drive(
+            [("tracker", _Stateful("load_state_dict")), Checkpoint(tmp_path, resume=True)], steps_per_epoch=4, epochs=2
+        )
+    assert plugin_failure(info.value).plugin_name == "tracker"
+    assert describe_error(info.value).startswith("plugin 'tracker' failed in its load_state_dict()")
+
+
+def test_an_empty_dir_is_refused_at_construction_not_run_in_the_current_folder():
+    with pytest.raises(ValueError, match="Checkpoint: dir is empty"):
+        Checkpoint("")
+
+
+def test_a_dir_that_is_a_file_is_refused_at_construction_saying_what_to_pass(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="Checkpoint: dir .*a_file' is a file, not a folder; pass a folder"):
+        Checkpoint(tmp_path / "a_file")
+
+
+def test_a_checkpoint_that_would_never_save_says_so_in_one_line(tmp_path):
+    with pytest.warns(UserWarning, match="Checkpoint: every_epoch=False and no every_steps: it saves only on"):
+        Checkpoint(tmp_path, every_epoch=False)

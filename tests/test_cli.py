@@ -64,3 +64,12 @@ def test_unknown_plugin_name_in_hooks_lists_known_ones(capsys):
 
     with pytest.raises(SystemExit, match="unknown plugin 'nope'; known: .*lr_warmup"):
         main(["hooks", "nope"])
+
+
+def test_a_plugin_named_twice_in_hooks_is_one_line_not_a_traceback(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(["hooks", "lr_warmup", "lr_warmup"])
+    message = str(info.value.code)
+    assert message.startswith("enginekit: plugin 'lr_warmup' is named twice") and "\n" not in message

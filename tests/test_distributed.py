@@ -172,3 +172,12 @@ def test_background_checkpoint_writes_under_two_ranks(two_ranks, tmp_path):
     ref0 = torch.load(reference / "result-rank0.pt", weights_only=True)
     for res in results(tmp_path):
         assert all(torch.equal(res["model"][k], ref0["model"][k]) for k in ref0["model"])
+
+
+@pytest.mark.parametrize("device", ["meta", "xla"])
+def test_a_device_that_cannot_train_is_one_line_naming_it(device):
+    from enginekit.distributed import resolve_device
+
+    with pytest.raises(ValueError, match=f"device '{device}'") as info:
+        resolve_device(device)
+    assert "\n" not in str(info.value) and "auto" in str(info.value)

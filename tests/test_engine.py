@@ -288,3 +288,36 @@ def test_an_error_passing_through_a_wrappers_yield_names_the_plugin_that_raised(
     assert plugin_failure(info.value).plugin_name == "fails"  # not the wrapper the error passed through
 
 
+# ---------------------------------------------------------------- loss normalization under accumulation (issue 29)
+
+
+def _uneven_gradients(cfg, batch_size: int, accum: int) -> dict:
+    """The gradients of one step over 5 sequences whose targets are partly ``ignore_index``."""
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.randint(0, cfg["vocab_size"], (5, cfg["context_length"]), generator=g)
+    targets = torch.randint(0, cfg["vocab_size"], (5, cfg["context_length"]), generator=g)
+    targets[0, 3:] = -100  # padded: 3 target tokens in the first sequence, 16 in the others
+    targets[4, :10] = -100  # 6 in the last one, which is a micro-batch of its own (drop_last=False)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch_size, shuffle=False)
+    torch.manual_seed(0)
+    model = GPTModel(cfg).double()
+    grabber = GradGrabber()
+    engine = Engine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        plugins=[grabber],
+        device="cpu",
+        grad_accum_steps=accum,
+    )
+    engine.fit(max_steps=1)
+    return grabber.grads[0]
+
+
+def test_accumulated_gradients_on_uneven_micro_batches_equal_the_big_batchs(tiny_cfg):
+    # micro-batches of 2, 2 and 1 sequences holding 19, 32 and 6 target tokens: the default lm_loss
+    # weighs each by its target tokens, so the sum is the big batch's mean over all 57 of them
+    cfg = {**tiny_cfg, "drop_rate": 0.0}
+    big, accumulated = _uneven_gradients(cfg, 5, 1), _uneven_gradients(cfg, 2, 3)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-10, atol=1e-12)  # float64: exact but for order

@@ -217,3 +217,53 @@ def test_rerunning_into_an_earlier_runs_folder_needs_resume_or_overwrite(tiny_ru
     assert proc.returncode == 1 and "already holds 2 checkpoint(s) of another run" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert run_example(*args, "--overwrite").returncode == 0
+
+
+def test_two_quick_sigterms_end_with_143_named_sigterm_and_leave_no_temporary_file(tmp_path):
+    import os
+    import signal
+    import time
+
+    from enginekit.plugins import Checkpoint
+
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--epochs", "2", "--max-steps", "50", "--eval-freq", "10", "--save-every", "1"]
+    args.append("--no-progress")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    for line in proc.stdout:
+        if line.startswith("Ep 1 (Iter 000010)"):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)  # the second one while the first's save point runs
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "SIGTERM" in stderr and "Ctrl-C" not in stderr and "Traceback" not in stderr
+    assert not [p for p in out.rglob("*.tmp")]
+    ckpt = Checkpoint(out / "checkpoints")
+    assert ckpt.verify(ckpt.checkpoints()[0]) is None
+
+
+def test_resuming_a_finished_run_says_so_in_one_line_and_exits_0(tmp_path):
+    args = ["--model", "tiny", "--epochs", "1", "--max-steps", "3", "--no-warmup", "--no-progress"]
+    args += ["--out", str(tmp_path)]
+    assert run_example(*args).returncode == 0
+    again = run_example(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "already finished: 3 of 3 steps were done before, none was left to run" in again.stdout
+    assert "done: 3 steps" not in again.stdout
+
+
+def test_an_empty_out_is_one_line_not_a_run_in_the_current_folder(capsys):
+    with pytest.raises(SystemExit) as info:
+        _example_module().parse_args(["--out", ""])
+    assert info.value.code == 2
+    assert "--out: an empty path" in capsys.readouterr().err

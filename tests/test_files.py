@@ -65,7 +65,7 @@ def test_the_lock_is_reentrant_in_one_process_and_released_by_the_last_holder(tm
     lock_folder(tmp_path)
     lock_folder(tmp_path)
     unlock_folder(tmp_path)
-    probe = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+    probe = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # the lock is on the folder itself
     try:
         with pytest.raises(OSError):  # still held after one of two unlocks
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
