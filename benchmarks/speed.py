@@ -96,7 +96,8 @@ class Runner:
             model,
             optimizer,
             batches,
-            plugins=[schedule, GradClip(1.0, start_step=schedule.warmup), self.clock],
+            # clipping from step 0: each block's fit plans anew, and a later start_step would be refused
+            plugins=[schedule, GradClip(1.0), self.clock],
             device="cpu",
             precision=mode["precision"],
             compile=mode["compile"],

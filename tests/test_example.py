@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -32,6 +33,18 @@ TINY = _example_module().CONFIGS["tiny"]
 def run_example(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def start_example(*args: str) -> subprocess.Popen:
+    """The main job in a subprocess whose lines arrive as printed (to signal it at a chosen one)."""
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
 
@@ -122,7 +135,6 @@ def test_bad_setting_is_a_clear_error_not_a_traceback(tmp_path):
 
 
 def test_sigterm_checkpoints_the_last_finished_step_and_resume_equals_uninterrupted(tiny_run, tmp_path):
-    import os
     import signal
 
     from enginekit.plugins import Checkpoint
@@ -130,15 +142,7 @@ def test_sigterm_checkpoints_the_last_finished_step_and_resume_equals_uninterrup
     _, reference = tiny_run
     out = tmp_path / "run"
     args = ["--model", "tiny", "--epochs", "2", "--max-steps", "50", "--eval-freq", "10", "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    proc = start_example(*args)
     for line in proc.stdout:
         if line.startswith("Ep 1 (Iter 000010)"):
             proc.send_signal(signal.SIGTERM)
@@ -220,7 +224,6 @@ def test_rerunning_into_an_earlier_runs_folder_needs_resume_or_overwrite(tiny_ru
 
 
 def test_two_quick_sigterms_end_with_143_named_sigterm_and_leave_no_temporary_file(tmp_path):
-    import os
     import signal
     import time
 
@@ -229,15 +232,7 @@ def test_two_quick_sigterms_end_with_143_named_sigterm_and_leave_no_temporary_fi
     out = tmp_path / "run"
     args = ["--model", "tiny", "--epochs", "2", "--max-steps", "50", "--eval-freq", "10", "--save-every", "1"]
     args.append("--no-progress")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *args, "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    proc = start_example(*args, "--out", str(out))
     for line in proc.stdout:
         if line.startswith("Ep 1 (Iter 000010)"):
             proc.send_signal(signal.SIGTERM)
