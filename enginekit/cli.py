@@ -109,8 +109,9 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .corpus import CorpusError, prepare_corpus
+    from .corpus import CorpusError
     from .files import FolderBusyError
+    from .prepare import prepare_corpus
 
     try:
         manifest = prepare_corpus(
@@ -161,7 +162,7 @@ def _fraction(text: str) -> float:
 
 
 def _add_prepare(sub: Any) -> None:
-    from .corpus import DEFAULT_SHARD_TOKENS
+    from .prepare import DEFAULT_SHARD_TOKENS
 
     prep = sub.add_parser(
         "prepare",
