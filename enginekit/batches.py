@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["count_targets", "count_tokens", "default_forward", "to_device"]
+__all__ = ["count_targets", "count_tokens", "default_forward", "to_device", "token_weights"]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -67,6 +67,29 @@ def count_targets(batch: Any, ignore_index: int = -100) -> torch.Tensor | None:
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
         return (batch[1] != ignore_index).sum()
     return None
+
+
+def token_weights(
+    batches: list[Any], world_size: int, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None
+) -> torch.Tensor | None:
+    """Each micro-batch's share of the step's target tokens, over micro-batches and ranks, times
+    the world size (DDP averages gradients over ranks); None when a batch has no targets to count.
+
+    lm_loss is a mean over a micro-batch's target tokens (those not -100): weighted so, the step's
+    gradient is the big batch's mean over all its target tokens, however unevenly they fall (a
+    short last batch, padding). Averaging per micro-batch means would weigh a token of a short
+    batch more. Another loss_fn gets the plain mean over micro-batches, exact when its
+    micro-batches weigh alike."""
+    counts = [count_targets(batch) for batch in batches]
+    if any(c is None for c in counts):
+        return None
+    device = counts[0].device  # type: ignore[union-attr]
+    exact = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    stacked = torch.stack(counts).to(exact)  # type: ignore[arg-type]
+    total = stacked.sum()
+    if mean_over_ranks is not None:
+        total = mean_over_ranks(total) * world_size
+    return stacked * world_size / total
 
 
 def _describe(batch: Any) -> str:

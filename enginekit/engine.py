@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import count_targets, count_tokens, default_forward, to_device
+from .batches import count_tokens, default_forward, to_device, token_weights
 from .checks import check_count, check_hyperparameters, check_number, check_optimizer_of
 from .compiling import CompiledModules, compile_options
 from .distributed import Distributed, resolve_device, set_sampler_epoch
@@ -375,25 +375,11 @@ class Engine:
         return total, tokens
 
     def _token_weights(self, batches: list[Any]) -> torch.Tensor | None:
-        """Each micro-batch's share of the step's target tokens, over micro-batches and ranks, times
-        the world size (DDP averages gradients over ranks); None unless the loss is the default lm_loss.
-
-        lm_loss is a mean over a micro-batch's target tokens (those not -100): weighted so, the
-        step's gradient is the big batch's mean over all its target tokens, however unevenly they
-        fall (a short last batch, padding). Averaging per micro-batch means would weigh a token of
-        a short batch more. Another loss_fn gets the plain mean over micro-batches, exact when its
-        micro-batches weigh alike."""
+        """Each micro-batch's share of the step's target tokens (see :func:`~enginekit.batches.token_weights`);
+        None unless the loss is the default lm_loss on ``(inputs, targets)`` batches."""
         if self.loss_fn is not lm_loss or self.forward_fn is not default_forward:
             return None
-        counts = [count_targets(batch) for batch in batches]
-        if any(c is None for c in counts):
-            return None
-        exact = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
-        stacked = torch.stack(counts).to(exact)  # type: ignore[arg-type]
-        total = stacked.sum()
-        if self._dist.active:
-            total = self._dist.mean(total) * self.state.world_size
-        return stacked * self.state.world_size / total
+        return token_weights(batches, self.state.world_size, self._dist.mean if self._dist.active else None)
 
     def _backward(self, batch: Any, n: int, weight: torch.Tensor | None = None) -> torch.Tensor:
         """One micro-batch: forward and loss (under autocast in bf16/fp16), weighted by its share of

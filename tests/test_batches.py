@@ -103,3 +103,20 @@ def test_a_batch_already_on_the_device_is_returned_as_is_and_a_moved_one_is_rebu
     assert count_tokens(batch) == 6 and count_tokens(moved) == 6  # the inputs: the first tensor
     assert count_tokens(("text", torch.ones(4, 2))) == 8  # not first in the tuple: found by the walk
     assert count_tokens([]) == 0
+
+
+def test_token_weights_are_each_micro_batchs_share_of_the_target_tokens():
+    from enginekit.batches import token_weights
+
+    def batch(n_targets: int, length: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = torch.full((1, length), -100)
+        targets[0, :n_targets] = 1
+        return torch.zeros(1, length, dtype=torch.long), targets
+
+    weights = token_weights([batch(2), batch(6), batch(8)], world_size=1, mean_over_ranks=None)
+    assert weights.tolist() == [2 / 16, 6 / 16, 8 / 16]
+    # two ranks whose totals average 16 (this one holds 8): 32 target tokens in the step, and DDP's
+    # mean over ranks is undone by the world size
+    two_ranks = token_weights([batch(2), batch(6)], world_size=2, mean_over_ranks=lambda t: t * 2)
+    assert two_ranks.tolist() == [2 * 2 / 32, 6 * 2 / 32]
+    assert token_weights([{"x": torch.zeros(2)}], world_size=1, mean_over_ranks=None) is None
