@@ -89,16 +89,22 @@ def engine_state_dict(state: TrainState, position: DataPosition, rngs: list[dict
 
 def load_engine_state(state: TrainState, position: DataPosition, saved: dict[str, Any]) -> dict[str, Any]:
     """Restore the counters and data position of :func:`engine_state_dict`; returns this rank's RNG states."""
+    rngs = saved["rng"]
     if saved["world_size"] != state.world_size:
-        raise ValueError(
-            f"checkpoint was written by {saved['world_size']} process(es) but this run has "
-            f"{state.world_size}; resume with the same number of processes"
-        )
+        if saved["batches_in_epoch"]:
+            raise ValueError(
+                f"checkpoint was written by {saved['world_size']} process(es) in the middle of an epoch but this run "
+                f"has {state.world_size}; the rest of that epoch's data order cannot be replayed: resume with "
+                f"{saved['world_size']} process(es), or from a checkpoint at an epoch's end"
+            )
+        # at an epoch's end nothing of the data order is pending: each rank takes a saved rank's RNGs
+        # (rank r those of saved rank r mod the old world size); the next epoch is shuffled as this world size does
+        rngs = [rngs[rank % len(rngs)] for rank in range(state.world_size)]
     state.step, state.epoch = saved["step"], saved["epoch"]
     state.step_in_epoch, state.batches_in_epoch = saved["step_in_epoch"], saved["batches_in_epoch"]
     state.tokens_seen = saved["tokens_seen"]
     state.should_stop = bool(saved.get("should_stop", False))
-    rng = saved["rng"][state.rank]
+    rng = rngs[state.rank]
     if saved["batches_in_epoch"] == 0:
         restore_rng(rng)
         position.pending = None
