@@ -4,6 +4,7 @@ enginekit plugins                     built-in and installed plugins, origin, ho
 enginekit hooks                       the hook protocol, in firing order
 enginekit hooks lr_warmup grad_clip   ...and the order those plugins are called per hook
 enginekit prepare SOURCES... --out DIR  tokenize your own text into a corpus to train on
+enginekit consolidate CKPT OUT        a checkpoint (any strategy, any world size) to one book-style model.pt
 """
 
 from __future__ import annotations
@@ -141,6 +142,25 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from .checkpointing import CheckpointError, consolidate
+
+    try:
+        weights = consolidate(args.checkpoint, args.out)
+    except CheckpointError as exc:
+        print(f"enginekit consolidate: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"enginekit consolidate: error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    count = sum(t.numel() for t in weights.values())
+    print(
+        f"{args.out}: {len(weights)} tensors, {count:,} values; load it with "
+        "model.load_state_dict(torch.load(PATH, weights_only=True))"
+    )
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -194,7 +214,8 @@ def _add_prepare(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="enginekit", description="Inspect enginekit's plugins and hooks; prepare a corpus of your own text."
+        prog="enginekit",
+        description="Inspect enginekit's plugins and hooks; prepare a corpus of your own text; consolidate a checkpoint.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
@@ -204,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     hooks.add_argument("plugins", nargs="*", help="plugin names in registration order (built-in or installed)")
     hooks.set_defaults(func=cmd_hooks)
     _add_prepare(sub)
+    cons = sub.add_parser(
+        "consolidate",
+        help="a checkpoint to one model.pt (the book's torch.save(model.state_dict()))",
+        description="Gather a checkpoint's model weights (from every rank's shards) into one state_dict file.",
+    )
+    cons.add_argument("checkpoint", help="a ckpt-<step> folder, or a run's checkpoint folder (its newest good one)")
+    cons.add_argument("out", help="the file to write, e.g. model.pt")
+    cons.set_defaults(func=cmd_consolidate)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

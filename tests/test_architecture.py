@@ -75,9 +75,15 @@ def contract(name: str) -> dict:
 
 
 CORE = {f"enginekit.{p.stem}" for p in (ROOT / "enginekit").glob("*.py") if p.stem != "__init__"}
+#: the core's packages, each module of which is a core module too (tests/<package>/test_<module>.py)
+PACKAGES = sorted(p.parent.name for p in (ROOT / "enginekit").glob("*/__init__.py"))
+CORE |= {f"enginekit.{pkg}" for pkg in PACKAGES}
+CORE |= {f"enginekit.{pkg}.{p.stem}" for pkg in PACKAGES for p in (ROOT / "enginekit" / pkg).glob("*.py") if p.stem != "__init__"}
 #: what plugins and examples may import (enginekit.testing too, in their tests)
 PUBLIC = {"enginekit", "enginekit.plugins", "enginekit.plugin_api", "enginekit.hookspec", "enginekit.log"}
 PUBLIC |= {"enginekit.gpt", "enginekit.data", "enginekit.fast"}
+#: the checkpoint machinery: Checkpoint's own parts, and what a custom checkpoint plugin builds on
+PUBLIC |= {m for m in CORE if m.startswith("enginekit.checkpointing")}
 
 
 def test_every_core_module_is_under_the_forbidden_contract():
@@ -155,5 +161,11 @@ def test_the_scan_finds_each_kind_of_private_use(code, use):
 
 
 def test_every_core_module_has_its_test_file():
-    missing = sorted(m for m in CORE if not (ROOT / "tests" / f"test_{m.split('.')[1]}.py").is_file())
+    def test_file(module: str) -> Path:
+        parts = module.split(".")[1:]
+        if len(parts) == 1 and parts[0] in PACKAGES:  # a package: its folder of tests
+            return ROOT / "tests" / parts[0]
+        return ROOT / "tests" / Path(*parts[:-1]) / f"test_{parts[-1]}.py"
+
+    missing = sorted(m for m in CORE if not test_file(m).exists())
     assert missing == [], "tests mirror the source: add tests/test_<module>.py"
