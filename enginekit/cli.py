@@ -215,7 +215,9 @@ def _add_prepare(sub: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="enginekit",
-        description="Inspect enginekit's plugins and hooks; prepare a corpus of your own text; consolidate a checkpoint.",
+        description=(
+            "Inspect enginekit's plugins and hooks; prepare a corpus of your own text; consolidate a checkpoint."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(

@@ -9,15 +9,12 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from enginekit import Engine, TrainingAborted
-from enginekit.checkpointing import CheckpointError, CheckpointWriteError, Folder, check_same_model, run_settings
+from enginekit.checkpointing import CheckpointError, CheckpointWriteError, Folder, run_settings
 from enginekit.checkpointing import dcp as backend
 from enginekit.checkpointing.format import FORMAT, VERSION, Manifest, checkpoint_name, unsafe_value
-from enginekit.checkpointing.loading import Opened, open_checkpoint
-from enginekit.checkpointing.saving import Save, serialize, write_error
-from enginekit.checkpointing.settings import compare_settings
+from enginekit.checkpointing.loading import check_fits, open_newest
+from enginekit.checkpointing.saving import Save, first_nonfinite, serialize, write_error
 from enginekit.hookspec import hookimpl
 from enginekit.plugin_api import FolderBusyError, blame, check_count, lock_folder, unlock_folder
 
@@ -208,7 +205,7 @@ class Checkpoint:
         engine.check_finite()  # with sync_every > 1: no state trained on a non-finite loss is written
         state = engine.state_dict()
         path = self.dir / checkpoint_name(state["step"])
-        nonfinite = _first_nonfinite(engine.model)
+        nonfinite = first_nonfinite(engine.model)
         if not engine.all_true(nonfinite is None):
             raise CheckpointWriteError(
                 f"refusing to write {path.name}: the model's weights hold NaN or inf after step {state['step']} "
@@ -244,7 +241,7 @@ class Checkpoint:
                 raise error
             if isinstance(error, (backend.Abandoned, KeyboardInterrupt)):
                 self._abandoned = save.path.name
-            error = write_error(save.path, error, _bytes_of(self.folder), self.folder.newest_line())
+            error = write_error(save.path, error, self.folder.newest_size(), self.folder.newest_line())
         if engine is not None:
             ok = engine.all_true(error is None)  # the other ranks must not wait forever for rank 0
             if not ok and engine.state.is_main:
@@ -300,37 +297,16 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ resuming
 
-    def _open_newest(self, engine: Engine) -> Opened | None:
-        """Every rank opens the same newest checkpoint that verifies, falling back one at a time;
-        none at all is a fresh start, some but none good an error."""
-        names = None
-        if engine.state.is_main:
-            names = [p.name for p, _ in self.folder.candidates(engine.print)]
-        names = engine.broadcast_from_main(names)
-        problems = []
-        for name in names or []:
-            try:
-                opened: Opened | None = open_checkpoint(self.folder, self.dir / name)
-                problem = None
-            except (OSError, CheckpointError) as exc:
-                opened, problem = None, str(exc)
-            if engine.all_true(problem is None):
-                return opened
-            problems.append(problem or f"{name}: another rank could not read it (every rank must see the same folder)")
-            engine.print(f"Checkpoint: skipping {problems[-1]}; trying the previous one")
-        if names:
-            raise CheckpointError(
-                f"no valid checkpoint in {self.dir} ({len(names)} found, none verifies): " + "; ".join(problems)
-            )
-        return None
-
     def _resume(self, engine: Engine) -> None:
         while True:
-            opened = self._open_newest(engine)
+            opened = open_newest(engine, self.folder)
             if opened is None:
                 engine.print(f"Checkpoint: no checkpoint in {self.dir}, starting from scratch")
                 return
-            self._check_fits(engine, opened)
+            stateful = self._stateful(engine)
+            self._changes = check_fits(
+                engine, opened, stateful, run_settings(engine, skip=self), self.strict_plugins, self.allow_changes
+            )
             current_groups = [dict(g) for g in engine.optimizer.param_groups]
             try:
                 backend.load(opened.reader, engine.model, engine.optimizer, opened.state["param_groups"], self._group)
@@ -369,81 +345,3 @@ class Checkpoint:
             )
             return
         engine.print(f"Checkpoint: resumed from {path.name} (step {st.step}, epoch {st.epoch + 1})")
-
-    def _check_fits(self, engine: Engine, opened: Opened) -> None:
-        """Refusals before anything is loaded: another model, other plugins, other settings, a
-        position this run's data cannot reach, a world-size change mid-epoch."""
-        name, saved, st = opened.path.name, opened.state, engine.state
-        written_by, position = opened.manifest.world_size, saved["engine"]["batches_in_epoch"]
-        if written_by != st.world_size and position:
-            raise CheckpointError(
-                f"{name} was written by {written_by} process(es) in the middle of epoch {saved['engine']['epoch'] + 1} "
-                f"(micro-batch {position}) and this run has {st.world_size}: the rest of that epoch's data order "
-                f"cannot be replayed on another number of processes; resume with {written_by}, or from a "
-                "checkpoint at an epoch's end"
-            )
-        stateful = self._stateful(engine)
-        unknown, missing = sorted(set(saved["plugins"]) - set(stateful)), sorted(set(stateful) - set(saved["plugins"]))
-        if unknown or missing:
-            parts = [f"it holds state for plugin(s) {unknown} that are not registered"] if unknown else []
-            parts += [f"it has no state for registered plugin(s) {missing}"] if missing else []
-            message = f"{name}: " + " and ".join(parts)
-            if self.strict_plugins:
-                raise CheckpointError(
-                    message + "; register the same plugins under the same names, or pass "
-                    "Checkpoint(..., strict_plugins=False) to resume anyway"
-                )
-            engine.print(f"Checkpoint: warning: {message}; resuming anyway (strict_plugins=False)")
-        model_sd = engine.model.state_dict()  # global shapes under FSDP too
-        shapes = backend.saved_shapes(opened.reader)
-        saved_model = {k.removeprefix("model."): v for k, v in shapes.items() if k.startswith("model.")}
-        check_same_model(name, {k: tuple(v.shape) for k, v in model_sd.items()}, saved_model)
-        now = run_settings(engine, skip=self)
-        if written_by != st.world_size:
-            now["engine.world_size"] = st.world_size
-            saved["settings"]["engine.world_size"] = written_by
-        changes = compare_settings(saved.get("settings") or {}, now, ignore=unknown + missing)
-        if changes and not self.allow_changes:
-            raise CheckpointError(
-                f"{name} was written by a run with other settings ({len(changes)} difference(s)): " + "; ".join(changes)
-                + ". Resume with the same settings, or pass Checkpoint(..., allow_changes=True) "
-                "(the example: --allow-changes) to apply the new ones from here on"
-            )  # fmt: skip
-        for change in changes:
-            engine.print(f"Checkpoint: resuming with a changed setting, applied from here on: {change}")
-        self._changes = changes
-        per_epoch = len(engine.train_loader)  # type: ignore[arg-type]
-        if position > per_epoch:
-            raise CheckpointError(
-                f"{name} stands at micro-batch {position} of an epoch, but this run's training loader has "
-                f"only {per_epoch} per epoch (other data or batch size?); resume with the same data and batch size"
-            )
-
-
-def _bytes_of(folder: Folder) -> int:
-    """About what the next checkpoint takes on disk: the newest committed one's size, if any."""
-    for path in folder.committed():
-        try:
-            return sum(p.stat().st_size for p in path.iterdir())
-        except OSError:
-            continue
-    return 0
-
-
-def _first_nonfinite(model: torch.nn.Module) -> str | None:
-    """Name of the first parameter holding NaN or inf on this rank (its shard under FSDP), or None.
-
-    A sum per tensor, read back once: a sum is several times cheaper than ``isfinite().all()``;
-    a non-finite sum is checked element by element, since huge finite weights can overflow it."""
-    named = [(name, _local(p.detach())) for name, p in model.named_parameters()]
-    if not named:
-        return None
-    sums_finite = torch.isfinite(torch.stack([p.sum().float() for _, p in named])).tolist()
-    for (name, p), ok in zip(named, sums_finite):
-        if not ok and not bool(torch.isfinite(p).all()):
-            return name
-    return None
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # type: ignore[operator]

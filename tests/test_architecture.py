@@ -78,7 +78,8 @@ CORE = {f"enginekit.{p.stem}" for p in (ROOT / "enginekit").glob("*.py") if p.st
 #: the core's packages, each module of which is a core module too (tests/<package>/test_<module>.py)
 PACKAGES = sorted(p.parent.name for p in (ROOT / "enginekit").glob("*/__init__.py"))
 CORE |= {f"enginekit.{pkg}" for pkg in PACKAGES}
-CORE |= {f"enginekit.{pkg}.{p.stem}" for pkg in PACKAGES for p in (ROOT / "enginekit" / pkg).glob("*.py") if p.stem != "__init__"}
+for pkg in PACKAGES:
+    CORE |= {f"enginekit.{pkg}.{p.stem}" for p in (ROOT / "enginekit" / pkg).glob("*.py") if p.stem != "__init__"}
 #: what plugins and examples may import (enginekit.testing too, in their tests)
 PUBLIC = {"enginekit", "enginekit.plugins", "enginekit.plugin_api", "enginekit.hookspec", "enginekit.log"}
 PUBLIC |= {"enginekit.gpt", "enginekit.data", "enginekit.fast"}

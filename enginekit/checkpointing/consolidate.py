@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..files import atomic_write
 from .dcp import Reader, load_tensors
@@ -36,8 +37,8 @@ def consolidate(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str])
     metadata = reader.read_metadata()
     tensors: dict[str, torch.Tensor] = {}
     for key, md in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and hasattr(md, "size"):
-            tensors[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)  # type: ignore[attr-defined]
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata):
+            tensors[key] = torch.empty(tuple(md.size), dtype=md.properties.dtype)
     if not tensors:
         raise CheckpointError(f"{path.name}: holds no model weights")
     load_tensors(reader, tensors)

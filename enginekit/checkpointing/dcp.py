@@ -27,15 +27,16 @@ from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from .format import CheckpointError, Manifest, check_hash, open_regular
 
@@ -76,7 +77,7 @@ def state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
 class _HashingStream(io.RawIOBase):
     """A file being written, hashed as it goes; ``abandon`` set stops it at the next write."""
 
-    def __init__(self, f: io.BufferedWriter, abandon: threading.Event | None) -> None:
+    def __init__(self, f: IO[bytes], abandon: threading.Event | None) -> None:
         self.f, self.abandon = f, abandon
         self.sha = hashlib.sha256()
         self.size = 0
@@ -154,13 +155,12 @@ class HostCopy:
         self._buffers = []
 
     def _copy_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        if hasattr(tensor, "to_local"):  # a DTensor: its shard is what this rank writes
-            local = tensor.to_local()  # type: ignore[operator]
-            return type(tensor).from_local(  # type: ignore[attr-defined]
-                self._copy_tensor(local),
+        if isinstance(tensor, DTensor):  # its shard is what this rank writes
+            return DTensor.from_local(
+                self._copy_tensor(tensor.to_local()),
                 tensor.device_mesh,
                 tensor.placements,
-                run_check=False,  # type: ignore[attr-defined]
+                run_check=False,
                 shape=tensor.shape,
                 stride=tensor.stride(),
             )
@@ -341,7 +341,7 @@ def metadata_classes() -> dict[tuple[str, str], Any]:
 
 class _MetadataUnpickler(pickle.Unpickler):
     def __init__(self, f: io.RawIOBase, allowed: dict[tuple[str, str], Any]) -> None:
-        super().__init__(f)  # type: ignore[arg-type]
+        super().__init__(f)
         self.allowed = allowed
 
     def find_class(self, module: str, name: str) -> Any:
@@ -393,7 +393,9 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
 def saved_shapes(reader: Reader) -> dict[str, tuple[int, ...]]:
     """The global shape of every tensor in the checkpoint, by its key (``model.<name>`` ...)."""
     return {
-        key: tuple(md.size) for key, md in reader.read_metadata().state_dict_metadata.items() if hasattr(md, "size")
+        key: tuple(md.size)
+        for key, md in reader.read_metadata().state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata)
     }
 
 

@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
-from .dcp import Reader
+from .dcp import Reader, saved_shapes
 from .format import FORMAT, STATE, VERSION, CheckpointError, Manifest
+from .settings import check_same_model, compare_settings
 from .storage import Folder
 
-__all__ = ["Opened", "open_checkpoint"]
+__all__ = ["Opened", "check_fits", "open_checkpoint", "open_newest"]
 
 
 @dataclass
@@ -49,3 +50,84 @@ def open_checkpoint(folder: Folder, path: Path) -> Opened:
         raise CheckpointError(f"{path.name}: {STATE} holds another step than its manifest (mixed up files?)")
     reader.read_metadata()
     return Opened(path, manifest, reader, state)
+
+
+def open_newest(engine: Any, folder: Folder) -> Opened | None:
+    """Every rank opens the same newest checkpoint that verifies, falling back one at a time;
+    none at all is a fresh start, some but none good an error."""
+    names = None
+    if engine.state.is_main:
+        names = [p.name for p, _ in folder.candidates(engine.print)]
+    names = engine.broadcast_from_main(names)
+    problems = []
+    for name in names or []:
+        try:
+            opened: Opened | None = open_checkpoint(folder, folder.path / name)
+            problem = None
+        except (OSError, CheckpointError) as exc:
+            opened, problem = None, str(exc)
+        if engine.all_true(problem is None):
+            return opened
+        problems.append(problem or f"{name}: another rank could not read it (every rank must see the same folder)")
+        engine.print(f"Checkpoint: skipping {problems[-1]}; trying the previous one")
+    if names:
+        raise CheckpointError(
+            f"no valid checkpoint in {folder.path} ({len(names)} found, none verifies): " + "; ".join(problems)
+        )
+    return None
+
+
+def check_fits(
+    engine: Any,
+    opened: Opened,
+    stateful: dict[str, Any],
+    now: dict[str, Any],
+    strict_plugins: bool,
+    allow_changes: bool,
+) -> list[str]:
+    """Refusals before anything is loaded: another model, other plugins, other settings, a
+    position this run's data cannot reach, a world-size change mid-epoch. Returns the settings that
+    changed (allowed by ``allow_changes``). ``now``: this run's :func:`~.settings.run_settings`."""
+    name, saved, st = opened.path.name, opened.state, engine.state
+    written_by, position = opened.manifest.world_size, saved["engine"]["batches_in_epoch"]
+    if written_by != st.world_size and position:
+        raise CheckpointError(
+            f"{name} was written by {written_by} process(es) in the middle of epoch {saved['engine']['epoch'] + 1} "
+            f"(micro-batch {position}) and this run has {st.world_size}: the rest of that epoch's data order "
+            f"cannot be replayed on another number of processes; resume with {written_by}, or from a "
+            "checkpoint at an epoch's end"
+        )
+    unknown, missing = sorted(set(saved["plugins"]) - set(stateful)), sorted(set(stateful) - set(saved["plugins"]))
+    if unknown or missing:
+        parts = [f"it holds state for plugin(s) {unknown} that are not registered"] if unknown else []
+        parts += [f"it has no state for registered plugin(s) {missing}"] if missing else []
+        message = f"{name}: " + " and ".join(parts)
+        if strict_plugins:
+            raise CheckpointError(
+                message + "; register the same plugins under the same names, or pass "
+                "Checkpoint(..., strict_plugins=False) to resume anyway"
+            )
+        engine.print(f"Checkpoint: warning: {message}; resuming anyway (strict_plugins=False)")
+    model_sd = engine.model.state_dict()  # global shapes under FSDP too
+    shapes = saved_shapes(opened.reader)
+    saved_model = {k.removeprefix("model."): v for k, v in shapes.items() if k.startswith("model.")}
+    check_same_model(name, {k: tuple(v.shape) for k, v in model_sd.items()}, saved_model)
+    if written_by != st.world_size:
+        now["engine.world_size"] = st.world_size
+        saved["settings"]["engine.world_size"] = written_by
+    changes = compare_settings(saved.get("settings") or {}, now, ignore=unknown + missing)
+    if changes and not allow_changes:
+        raise CheckpointError(
+            f"{name} was written by a run with other settings ({len(changes)} difference(s)): " + "; ".join(changes)
+            + ". Resume with the same settings, or pass Checkpoint(..., allow_changes=True) "
+            "(the example: --allow-changes) to apply the new ones from here on"
+        )  # fmt: skip
+    for change in changes:
+        engine.print(f"Checkpoint: resuming with a changed setting, applied from here on: {change}")
+    per_epoch = len(engine.train_loader)
+    if position > per_epoch:
+        raise CheckpointError(
+            f"{name} stands at micro-batch {position} of an epoch, but this run's training loader has "
+            f"only {per_epoch} per epoch (other data or batch size?); resume with the same data and batch size"
+        )
+    return changes

@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ..files import atomic_write, lock_folder, unlock_folder
 from . import dcp
 from .format import STATE, CheckpointWriteError, Manifest, write_manifest
 from .storage import Folder
 
-__all__ = ["Save", "serialize", "write_error"]
+__all__ = ["Save", "first_nonfinite", "serialize", "write_error"]
 
 
 def serialize(obj: Any) -> bytes:
@@ -119,3 +120,23 @@ def write_error(path: Path, exc: BaseException, needs: int, newest: str) -> Chec
     error = CheckpointWriteError(f"could not write {path.name}: {cause}; {newest}")
     error.__cause__ = exc
     return error
+
+
+def first_nonfinite(model: torch.nn.Module) -> str | None:
+    """Name of the first parameter holding NaN or inf on this rank (its shard under FSDP), or None.
+
+    A sum per tensor, read back once: a sum is several times cheaper than ``isfinite().all()``;
+    a non-finite sum is checked element by element, since huge finite weights can overflow it."""
+    named = [(name, local_part(p.detach())) for name, p in model.named_parameters()]
+    if not named:
+        return None
+    sums_finite = torch.isfinite(torch.stack([p.sum().float() for _, p in named])).tolist()
+    for (name, p), ok in zip(named, sums_finite):
+        if not ok and not bool(torch.isfinite(p).all()):
+            return name
+    return None
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; any other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

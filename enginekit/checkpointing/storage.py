@@ -77,6 +77,15 @@ class Folder:
             return f"the newest checkpoint on disk is {path.name}"
         return "no checkpoint is on disk yet"
 
+    def newest_size(self) -> int:
+        """About what the next checkpoint takes on disk: the newest committed one's size (0: none)."""
+        for path in self.committed():
+            try:
+                return sum(p.stat().st_size for p in path.iterdir())
+            except OSError:
+                continue
+        return 0
+
     def set_aside(self, newer_than: str) -> None:
         """Checkpoints newer than the one resumed from failed: renamed ``.corrupt`` so that pruning
         never keeps them over good ones, and kept for a look."""

@@ -62,7 +62,10 @@ def test_a_corrupt_shard_or_no_checkpoint_is_an_error_in_one_line(gpt_run, tmp_p
     (copy / "ckpt-00000003" / "__0_0.distcp").write_bytes(bytes(data))
     assert main(["consolidate", str(copy / "ckpt-00000003"), str(tmp_path / "m.pt")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("enginekit consolidate: error: ckpt-00000003: __0_0.distcp: sha256 mismatch") and err.count("\n") == 1
+    assert (
+        err.startswith("enginekit consolidate: error: ckpt-00000003: __0_0.distcp: sha256 mismatch")
+        and err.count("\n") == 1
+    )
     assert not (tmp_path / "m.pt").exists()
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         consolidate(tmp_path / "nowhere", tmp_path / "m.pt")

@@ -17,7 +17,10 @@ from ckpt_helpers import tiny_run
 
 
 def test_every_file_is_hashed_as_it_is_written(tmp_path):
-    tensors = {"model": {"w": torch.arange(1000.0), "b": torch.ones(3)}, "optimizer": {"w": {"step": torch.tensor(2.0)}}}
+    tensors = {
+        "model": {"w": torch.arange(1000.0), "b": torch.ones(3)},
+        "optimizer": {"w": {"step": torch.tensor(2.0)}},
+    }
     writer, future = dcp.save(tmp_path / "c", tensors, None, background=False)
     assert future is None and set(writer.written) == {".metadata", "__0_0.distcp"}
     for name, (sha, size) in writer.written.items():
@@ -70,7 +73,9 @@ def test_a_hostile_metadata_file_is_refused_before_it_runs(tmp_path, capsys):
     evil = pickle.dumps(Boom())
     (newest / ".metadata").write_bytes(evil)
     manifest = read_manifest(newest)
-    files = dict(manifest.files, **{".metadata": (hashlib.sha256(evil).hexdigest(), len(evil))})  # a forged manifest too
+    files = dict(
+        manifest.files, **{".metadata": (hashlib.sha256(evil).hexdigest(), len(evil))}
+    )  # a forged manifest too
     reader = dcp.Reader(newest, Manifest(manifest.step, 1, "ddp", files))
     with pytest.raises(CheckpointError, match=r"\.metadata refused by the safe reader: builtins.print"):
         reader.read_metadata()
@@ -78,7 +83,9 @@ def test_a_hostile_metadata_file_is_refused_before_it_runs(tmp_path, capsys):
 
 
 def test_a_pickled_object_among_the_tensors_is_refused(tmp_path):
-    torch_dcp.save({"model": {"w": torch.ones(2)}, "extra": {"obj": Boom()}}, checkpoint_id=tmp_path / "c", no_dist=True)
+    torch_dcp.save(
+        {"model": {"w": torch.ones(2)}, "extra": {"obj": Boom()}}, checkpoint_id=tmp_path / "c", no_dist=True
+    )
     files = {}
     for p in (tmp_path / "c").iterdir():
         data = p.read_bytes()

@@ -35,7 +35,9 @@ def make(folder, files: dict[str, bytes], step: int = 7):
 def test_a_manifest_round_trips_and_vouches_for_every_file(tmp_path):
     folder = make(tmp_path / "ckpt-00000007", {".metadata": b"m", STATE: b"s", "__0_0.distcp": b"tensors"})
     manifest = read_manifest(folder)
-    assert manifest.step == 7 and manifest.world_size == 1 and set(manifest.files) == {".metadata", STATE, "__0_0.distcp"}
+    assert (
+        manifest.step == 7 and manifest.world_size == 1 and set(manifest.files) == {".metadata", STATE, "__0_0.distcp"}
+    )
     verify_files(folder, manifest, hash=True)
     (folder / "__0_0.distcp").write_bytes(b"tensorz")  # same size, other bytes
     verify_files(folder, manifest)  # the cheap check reads nothing

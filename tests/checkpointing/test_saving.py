@@ -31,8 +31,16 @@ def test_the_small_state_is_fixed_when_it_is_serialized():
 
 def test_failures_are_plain_words_naming_the_newest_checkpoint(tmp_path):
     path = tmp_path / "ckpt-00000004"
-    full = write_error(path, OSError(errno.ENOSPC, "No space left on device"), 10 << 20, "the newest checkpoint on disk is ckpt-00000002")
+    full = write_error(
+        path,
+        OSError(errno.ENOSPC, "No space left on device"),
+        10 << 20,
+        "the newest checkpoint on disk is ckpt-00000002",
+    )
     assert str(full).startswith("could not write ckpt-00000004: no space left on device (needs ~10.0 MB, ")
     assert str(full).endswith("; the newest checkpoint on disk is ckpt-00000002")
     denied = write_error(path, PermissionError(errno.EACCES, "Permission denied"), 0, "no checkpoint is on disk yet")
-    assert str(denied) == "could not write ckpt-00000004: Permission denied (PermissionError); no checkpoint is on disk yet"
+    assert (
+        str(denied)
+        == "could not write ckpt-00000004: Permission denied (PermissionError); no checkpoint is on disk yet"
+    )

@@ -35,7 +35,14 @@ def test_changes_are_listed_one_line_each_and_ignored_plugins_are_not_compared()
 def test_another_model_is_one_line_with_every_difference_in_details():
     own = {"a": (2, 3), "b": (4,), "c": (1,)}
     saved = {"a": (2, 4), "b": (4,), "d": (1,)}
-    with pytest.raises(CheckpointError, match=r"ckpt-00000004 holds another model \(3 difference\(s\), first: missing from the checkpoint: c\)") as info:
+    with pytest.raises(
+        CheckpointError,
+        match=r"ckpt-00000004 holds another model \(3 difference\(s\), first: missing from the checkpoint: c\)",
+    ) as info:
         check_same_model("ckpt-00000004", own, saved)
-    assert info.value.details == ["missing from the checkpoint: c", "not in this model: d", "a: (2, 4) in the checkpoint, (2, 3) here"]
+    assert info.value.details == [
+        "missing from the checkpoint: c",
+        "not in this model: d",
+        "a: (2, 4) in the checkpoint, (2, 3) here",
+    ]
     check_same_model("ckpt-00000004", own, dict(own))
