@@ -12,11 +12,11 @@ from typing import Any
 from enginekit import Engine, TrainingAborted
 from enginekit.checkpointing import CheckpointError, CheckpointWriteError, Folder, run_settings
 from enginekit.checkpointing import dcp as backend
-from enginekit.checkpointing.format import FORMAT, VERSION, Manifest, checkpoint_name, unsafe_value
-from enginekit.checkpointing.loading import check_fits, open_newest
-from enginekit.checkpointing.saving import Save, first_nonfinite, serialize, write_error
+from enginekit.checkpointing.format import FORMAT, VERSION, Manifest, checkpoint_name
+from enginekit.checkpointing.loading import check_fits, open_newest, restore_plugins
+from enginekit.checkpointing.saving import Save, first_nonfinite, plugin_states, serialize, write_error
 from enginekit.hookspec import hookimpl
-from enginekit.plugin_api import FolderBusyError, blame, check_count, lock_folder, unlock_folder
+from enginekit.plugin_api import FolderBusyError, check_count, lock_folder, unlock_folder
 
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointWriteError"]
 
@@ -174,6 +174,8 @@ class Checkpoint:
         if reason == "epoch":
             due = self.every_epoch
         else:
+            if st.world_size == 1 and self._save is not None and self._save.done:
+                self.wait(engine)  # a background save has ended: its failure surfaces at this step
             epoch_save_follows = self.every_epoch and (
                 st.should_stop or st.step_in_epoch >= st.steps_per_epoch or st.step >= st.total_steps
             )
@@ -216,8 +218,9 @@ class Checkpoint:
         model_sd, optim_sd = backend.state_dicts(engine.model, engine.optimizer)
         small = None
         if st.is_main:
+            plugins = plugin_states(self._stateful(engine), engine)
             small = serialize({
-                "format": FORMAT, "version": VERSION, "engine": state, "plugins": self._plugin_states(engine),
+                "format": FORMAT, "version": VERSION, "engine": state, "plugins": plugins,
                 "settings": run_settings(engine, skip=self), "param_groups": optim_sd["param_groups"],
             })  # fmt: skip
             if path.exists():
@@ -272,29 +275,6 @@ class Checkpoint:
             and callable(getattr(p, "load_state_dict", None))
         }
 
-    def _plugin_states(self, engine: Engine) -> dict[str, Any]:
-        states = {}
-        for name, plugin in self._stateful(engine).items():
-            try:
-                state = plugin.state_dict()
-            except Exception as exc:
-                blame(
-                    exc,
-                    name,
-                    "on_save_point",
-                    engine.state,
-                    f"in its state_dict(), called by Checkpoint to save step {engine.state.step},",
-                )
-                raise
-            bad = unsafe_value(state, name)
-            if bad is not None:
-                raise CheckpointError(
-                    f"plugin {name!r}: state_dict() holds {bad}; checkpoints load with weights_only=True, "
-                    "so keep plugin state to tensors, numbers, strings, bools, None, lists, tuples and dicts"
-                )
-            states[name] = state
-        return states
-
     # ------------------------------------------------------------------ resuming
 
     def _resume(self, engine: Engine) -> None:
@@ -314,26 +294,14 @@ class Checkpoint:
             except CheckpointError as exc:  # a shard failed its hash or would not load: the previous one then
                 engine.print(f"Checkpoint: skipping {exc}; trying the previous one")
                 if engine.state.is_main:
-                    opened.path.rename(opened.path.with_name(opened.path.name + ".corrupt"))
+                    self.folder.set_aside(newer_than=opened.path.name, including=True)
         path, saved = opened.path, opened.state
         if engine.state.is_main:
             self.folder.set_aside(newer_than=path.name)  # newer ones failed: pruning must never keep them
         if self._changes:  # allowed: this run's optimizer hyper-parameters win over the checkpoint's
             for group, current in zip(engine.optimizer.param_groups, current_groups):
                 group.update({k: v for k, v in current.items() if k not in ("params", "lr")})
-        for name, plugin in self._stateful(engine).items():
-            if name in saved["plugins"]:
-                try:
-                    plugin.load_state_dict(saved["plugins"][name])
-                except Exception as exc:
-                    blame(
-                        exc,
-                        name,
-                        "before_fit",
-                        engine.state,
-                        f"in its load_state_dict(), called by Checkpoint to resume from {path.name},",
-                    )
-                    raise
+        restore_plugins(self._stateful(engine), saved["plugins"], engine, path.name)
         engine.load_state_dict(saved["engine"])
         self.last_saved = saved["engine"]["step"]
         self.resumed_from, self.resumed_step = path, engine.state.step

@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
+from ..registry import blame
 from .dcp import Reader, saved_shapes
 from .format import FORMAT, STATE, VERSION, CheckpointError, Manifest
 from .settings import check_same_model, compare_settings
 from .storage import Folder
 
-__all__ = ["Opened", "check_fits", "open_checkpoint", "open_newest"]
+__all__ = ["Opened", "check_fits", "open_checkpoint", "open_newest", "restore_plugins"]
 
 
 @dataclass
@@ -131,3 +132,15 @@ def check_fits(
             f"only {per_epoch} per epoch (other data or batch size?); resume with the same data and batch size"
         )
     return changes
+
+
+def restore_plugins(stateful: dict[str, Any], saved: dict[str, Any], engine: Any, where: str) -> None:
+    """Each plugin's saved state back through its ``load_state_dict``; a failure names that plugin."""
+    for name, plugin in stateful.items():
+        if name in saved:
+            try:
+                plugin.load_state_dict(saved[name])
+            except Exception as exc:
+                why = f"in its load_state_dict(), called by Checkpoint to resume from {where},"
+                blame(exc, name, "before_fit", engine.state, why)
+                raise

@@ -16,11 +16,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..files import atomic_write, lock_folder, unlock_folder
+from ..registry import blame
 from . import dcp
-from .format import STATE, CheckpointWriteError, Manifest, write_manifest
+from .format import STATE, CheckpointError, CheckpointWriteError, Manifest, unsafe_value, write_manifest
 from .storage import Folder
 
-__all__ = ["Save", "first_nonfinite", "serialize", "write_error"]
+__all__ = ["Save", "first_nonfinite", "plugin_states", "serialize", "write_error"]
 
 
 def serialize(obj: Any) -> bytes:
@@ -69,6 +70,10 @@ class Save:
         self._thread = threading.Thread(target=self._commit, args=(writer, future), name=f"enginekit-{self.path.name}")
         self._thread.start()
 
+    @property
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
     def wait(self) -> BaseException | None:
         if self._thread is not None:
             self._thread.join()
@@ -98,6 +103,27 @@ class Save:
                 unlock_folder(self.folder.path)
         except BaseException as exc:
             self.error = dcp.first_failure(exc)
+
+
+def plugin_states(stateful: dict[str, Any], engine: Any) -> dict[str, Any]:
+    """Each stateful plugin's ``state_dict()``, checked to load with ``weights_only=True``; a plugin
+    whose method fails is named in the error, not Checkpoint."""
+    states = {}
+    for name, plugin in stateful.items():
+        try:
+            state = plugin.state_dict()
+        except Exception as exc:
+            why = f"in its state_dict(), called by Checkpoint to save step {engine.state.step},"
+            blame(exc, name, "on_save_point", engine.state, why)
+            raise
+        bad = unsafe_value(state, name)
+        if bad is not None:
+            raise CheckpointError(
+                f"plugin {name!r}: state_dict() holds {bad}; checkpoints load with weights_only=True, "
+                "so keep plugin state to tensors, numbers, strings, bools, None, lists, tuples and dicts"
+            )
+        states[name] = state
+    return states
 
 
 def write_error(path: Path, exc: BaseException, needs: int, newest: str) -> CheckpointWriteError:

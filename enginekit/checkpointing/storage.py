@@ -86,11 +86,11 @@ class Folder:
                 continue
         return 0
 
-    def set_aside(self, newer_than: str) -> None:
-        """Checkpoints newer than the one resumed from failed: renamed ``.corrupt`` so that pruning
-        never keeps them over good ones, and kept for a look."""
+    def set_aside(self, newer_than: str, including: bool = False) -> None:
+        """Checkpoints newer than the one resumed from failed (``including``: that one too): renamed
+        ``.corrupt`` so that pruning never keeps them over good ones, and kept for a look."""
         for bad in self.checkpoints():
-            if bad.name > newer_than:
+            if bad.name > newer_than or (including and bad.name == newer_than):
                 target = bad.with_name(bad.name + ".corrupt")
                 if target.exists():
                     remove(target)
