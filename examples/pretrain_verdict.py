@@ -415,9 +415,6 @@ def train(args: argparse.Namespace) -> int:
     if args.resume and args.no_checkpoint:
         print("error: --resume needs checkpoints; drop --no-checkpoint", file=sys.stderr)
         return 2
-    if args.strategy == "fsdp" and not args.no_checkpoint:
-        print("error: --strategy fsdp cannot checkpoint yet (DCP backend next): pass --no-checkpoint", file=sys.stderr)
-        return 2
     torch.manual_seed(args.seed)
     pretrained = None
     if args.init is not None:  # GPT-2's weights; loading draws nothing from the RNG

@@ -154,35 +154,6 @@ def test_outside_torchrun_fsdp_is_the_one_process_path_bit_for_bit():
     assert all(torch.equal(weights["ddp"][k], weights["fsdp"][k]) for k in weights["ddp"])
 
 
-def test_checkpoint_of_a_sharded_run_is_refused_in_one_line_before_any_file(tmp_path):
-    # what torchrun gives a sharded run (checked by hand under torchrun too: the same line on each rank);
-    # the refusal comes before any collective, so one process shows it
-    from enginekit.plugins import Checkpoint
-    from enginekit.plugins.checkpoint import CheckpointError
-
-    engine = _engine("fsdp")
-    engine.register(Checkpoint(tmp_path / "checkpoints"))
-    engine.state.world_size = 2
-    with pytest.raises(CheckpointError, match=r"strategy='fsdp' cannot be checkpointed yet .*no-checkpoint") as info:
-        engine.fit(max_steps=2)
-    assert "plugin 'checkpoint' failed in hook 'before_fit'" in describe_error(info.value)
-    assert not (tmp_path / "checkpoints").exists() and engine.state.step == 0
-
-
-def test_the_example_refuses_fsdp_with_checkpoints_with_exit_2(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "pretrain_verdict.py"), "--model", "tiny", "--strategy", "fsdp"]
-        + ["--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    assert (
-        proc.stderr.strip() == "error: --strategy fsdp cannot checkpoint yet (DCP backend next): pass --no-checkpoint"
-    )
-
-
 def test_bad_strategy_and_fp16_are_refused_naming_the_field():
     with pytest.raises(ValueError, match=r"strategy must be one of \('ddp', 'fsdp'\), got 'zero3'"):
         _engine("zero3")
