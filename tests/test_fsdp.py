@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from enginekit import Engine, describe_error
+from enginekit import Engine
 from enginekit.data import create_dataloader, load_verdict
 from enginekit.fsdp import units
 from enginekit.gpt import GPTModel
