@@ -21,7 +21,8 @@ Each ``--case`` is one more engine like ``--engine``, its options as KEY=VALUE: 
 steps, every (every_steps), resume (from OUT/NAME/checkpoints), from (a folder of checkpoints, or
 another case's NAME: copied into this case's OUT/NAME/checkpoints, then resumed), allow
 (allow_changes), dump, kill (SIGKILL as --kill-at: the job's last case). A run whose fit raises
-a CheckpointError writes it to OUT/NAME/error.txt (rank 0) and the next run goes on.
+a CheckpointError writes it to OUT/NAME/error.txt (rank 0) and the next run goes on; rank 0 prints
+``== case NAME`` before each.
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ def main() -> None:
             run.checkpoint_dir = args.out / name / "checkpoints"
         train(run, args.out / name)
     for name, strategy, *options in args.case or []:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"== case {name}", flush=True)  # the tests split the output by case
         try:
             train(run_options(args, name, strategy, options), args.out / name)
         except CheckpointError as exc:  # the refusal is the result; the next run goes on in the same group
