@@ -50,11 +50,12 @@ def test_weights_are_identical_on_both_ranks(two_ranks):
     assert r0["train_losses"] == r1["train_losses"]  # losses are averaged over ranks
 
 
-def test_only_rank_0_writes_files_and_prints(two_ranks):
+def test_only_rank_0_writes_files_and_prints_and_rank_1_only_its_shards(two_ranks):
     out, proc = two_ranks
     assert (out / "rank0" / "metrics" / "metrics.jsonl").exists()
-    assert list((out / "rank0" / "checkpoints").glob("ckpt-*.pt"))
-    assert not (out / "rank1").exists()
+    assert list((out / "rank0" / "checkpoints").glob("ckpt-*/manifest.json"))
+    rank1 = {p.relative_to(out / "rank1").as_posix() for p in (out / "rank1").rglob("*") if p.is_file()}
+    assert rank1 and all(name.startswith("checkpoints/ckpt-") and name.endswith("/__1_0.distcp") for name in rank1)
     assert proc.stdout.count("Ep 1 (Iter 000000)") == 1
 
 
@@ -114,8 +115,8 @@ def test_interrupted_and_resumed_under_two_ranks_equals_uninterrupted(two_ranks,
     out = tmp_path / "run"
     proc = torchrun(out, "--kill-at", "13", check=False)
     assert proc.returncode != 0
-    names = sorted(p.name for p in (out / "checkpoints").glob("ckpt-*.pt"))
-    assert names[-1] == "ckpt-00000010.pt"  # mid-epoch: 11 steps per epoch per rank
+    names = sorted(p.parent.name for p in (out / "checkpoints").glob("ckpt-*/manifest.json"))
+    assert names[-1] == "ckpt-00000010"  # mid-epoch: 11 steps per epoch per rank
     torchrun(out, "--resume")
     ref0 = torch.load(reference / "result-rank0.pt", weights_only=True)
     for res in results(out):
@@ -140,37 +141,58 @@ def test_the_example_runs_unchanged_under_torchrun(tmp_path):
     assert "8 steps" in proc.stdout and (tmp_path / "model.pt").exists()
 
 
-def test_every_rank_resumes_from_the_file_rank_0_chose_or_all_say_why_not(two_ranks, tmp_path):
-    reference, _ = two_ranks
-    shutil.copytree(reference / "rank0", tmp_path / "rank0")  # rank 1 gets its own, empty folder
+def test_per_rank_folders_are_refused_on_every_rank_naming_the_missing_shard(two_ranks, tmp_path):
+    reference, _ = two_ranks  # rank 1's shards went to its own folder: rank 0's checkpoints are incomplete
+    shutil.copytree(reference / "rank0", tmp_path / "rank0")
     proc = torchrun(tmp_path, "--per-rank-dirs", "--resume", check=False)
     assert proc.returncode != 0
-    newest = sorted(p.name for p in (tmp_path / "rank0" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    assert proc.stderr.count("none verifies): ckpt-00000020: __1_0.distcp is missing") >= 2, proc.stderr
+    assert "Connection closed by peer" not in proc.stderr  # every rank says it, none waits for the other
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose_or_all_say_why_not(shared, tmp_path):
+    shutil.copytree(shared / "checkpoints", tmp_path / "rank0" / "checkpoints")  # rank 1 gets an empty folder
+    proc = torchrun(tmp_path, "--per-rank-dirs", "--resume", check=False)
+    assert proc.returncode != 0
+    newest = sorted(p.name for p in (tmp_path / "rank0" / "checkpoints").glob("ckpt-*"))[-1]
     said = f"rank 0 chose {newest} to resume from, but"
-    assert proc.stderr.count(said) >= 2, proc.stderr  # both ranks raise the same clear error
-    assert f"rank 1: cannot load {tmp_path / 'rank1' / 'checkpoints' / newest}" in proc.stderr
+    assert proc.stderr.count(said) >= 2, proc.stderr  # both ranks raise a clear error
+    assert f"{said} rank 1: {newest}: unreadable (No such file or directory)" in proc.stderr
+    assert "every rank must see the same checkpoint folder (a shared file system)" in proc.stderr
     assert not list((tmp_path / "rank0" / "checkpoints").glob("*.corrupt"))  # nothing renamed
 
 
-def test_another_process_count_is_refused_by_the_documented_check(two_ranks, tmp_path):
-    reference, _ = two_ranks
-    shutil.copytree(reference / "rank0", tmp_path / "run")
-    proc = subprocess.run(
-        [sys.executable, str(JOB), str(tmp_path / "run"), "--resume"], capture_output=True, text=True, timeout=300
-    )
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A 2-rank run with background saves into one folder, as a shared file system gives."""
+    out = tmp_path_factory.mktemp("shared")
+    torchrun(out, "--async-writes")
+    return out
+
+
+def test_another_process_count_is_refused_mid_epoch_and_listed_at_an_epoch_end(shared, tmp_path):
+    shutil.copytree(shared, tmp_path / "run", ignore=shutil.ignore_patterns("result-*"))
+    resume = [sys.executable, str(JOB), str(tmp_path / "run"), "--resume"]
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0  # the newest is an epoch's end: the world size is a setting that changed
+    assert "engine.world_size: 2 in the checkpoint, 1 now" in proc.stderr and "allow_changes=True" in proc.stderr
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "ckpt-00000020")  # 10 steps per epoch: 15 is mid-epoch
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "was written by 2 process(es) but this run has 1; resume with the same number of processes" in proc.stderr
+    assert (
+        "ckpt-00000015 was written by 2 process(es) in the middle of epoch 2 (micro-batch 5) and this run has 1: "
+        "the rest of that epoch's data order cannot be replayed on another number of processes" in proc.stderr
+    )
 
 
-def test_background_checkpoint_writes_under_two_ranks(two_ranks, tmp_path):
+def test_background_checkpoint_writes_under_two_ranks(two_ranks, shared):
     reference, _ = two_ranks
-    torchrun(tmp_path, "--async-writes")
     from enginekit.plugins import Checkpoint
 
-    ckpt = Checkpoint(tmp_path / "checkpoints")
+    ckpt = Checkpoint(shared / "checkpoints")
     assert ckpt.checkpoints() and all(ckpt.verify(p) is None for p in ckpt.checkpoints())
     ref0 = torch.load(reference / "result-rank0.pt", weights_only=True)
-    for res in results(tmp_path):
+    for res in results(shared):
         assert all(torch.equal(res["model"][k], ref0["model"][k]) for k in ref0["model"])
 
 

@@ -56,10 +56,15 @@ def open_checkpoint(folder: Folder, path: Path) -> Opened:
 def open_newest(engine: Any, folder: Folder) -> Opened | None:
     """Every rank opens the same newest checkpoint that verifies, falling back one at a time;
     none at all is a fresh start, some but none good an error."""
-    names = None
+    listed: tuple[list[str], str | None] = ([], None)
     if engine.state.is_main:
-        names = [p.name for p, _ in folder.candidates(engine.print)]
-    names = engine.broadcast_from_main(names)
+        try:
+            listed = ([p.name for p, _ in folder.candidates(engine.print)], None)
+        except CheckpointError as exc:  # said on every rank: the others wait in the broadcast
+            listed = ([], str(exc))
+    names, error = engine.broadcast_from_main(listed)
+    if error is not None:
+        raise CheckpointError(error)
     problems = []
     for name in names or []:
         try:
@@ -67,9 +72,16 @@ def open_newest(engine: Any, folder: Folder) -> Opened | None:
             problem = None
         except (OSError, CheckpointError) as exc:
             opened, problem = None, str(exc)
+        main_ok = engine.broadcast_from_main(problem is None)
         if engine.all_true(problem is None):
             return opened
-        problems.append(problem or f"{name}: another rank could not read it (every rank must see the same folder)")
+        if main_ok:  # rank 0 read it: not a bad checkpoint but a folder some rank does not see
+            where = f"rank {engine.state.rank}: {problem}" if problem else "another rank could not read it"
+            raise CheckpointError(
+                f"rank 0 chose {name} to resume from, but {where}; every rank must see the same checkpoint "
+                "folder (a shared file system)"
+            )
+        problems.append(problem or f"{name}: unreadable on rank 0")
         engine.print(f"Checkpoint: skipping {problems[-1]}; trying the previous one")
     if names:
         raise CheckpointError(
