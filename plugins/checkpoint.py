@@ -216,15 +216,22 @@ class Checkpoint:
                 "learning rate and the data"
             )
         model_sd, optim_sd = backend.state_dicts(engine.model, engine.optimizer)
-        small = None
+        small, failed = None, None
         if st.is_main:
-            plugins = plugin_states(self._stateful(engine), engine)
-            small = serialize({
-                "format": FORMAT, "version": VERSION, "engine": state, "plugins": plugins,
-                "settings": run_settings(engine, skip=self), "param_groups": optim_sd["param_groups"],
-            })  # fmt: skip
-            if path.exists():
-                self.folder.clear_leftovers()  # this step's save cut short earlier (committed ones are never rewritten)
+            try:
+                plugins = plugin_states(self._stateful(engine), engine)
+                small = serialize({
+                    "format": FORMAT, "version": VERSION, "engine": state, "plugins": plugins,
+                    "settings": run_settings(engine, skip=self), "param_groups": optim_sd["param_groups"],
+                })  # fmt: skip
+                if path.exists():
+                    self.folder.clear_leftovers()  # this step's save cut short earlier (committed ones stay)
+            except Exception as exc:
+                failed = exc
+        if not engine.all_true(failed is None):  # before DCP's collectives, which rank 1 would wait in
+            if failed is not None:
+                raise failed
+            raise CheckpointWriteError(f"rank 0 could not prepare {path.name}; {self.folder.newest_line()}")
         manifest = Manifest(state["step"], st.world_size, engine.strategy, {})
         tensors = {"model": model_sd, "optimizer": optim_sd["state"]}
         self._save = Save(self.folder, path, tensors, small, manifest, self._group, self.keep_last)
