@@ -21,10 +21,11 @@ Each pair runs both, one first then the other, the order alternating from pair t
 ratio is dcp over legacy, so drift between pairs cancels. Wall is ``perf_counter``; CPU is the
 process's user + system time (every thread: the legacy hashing thread, DCP's writer). Resume: each
 plugin's own resume path (legacy: ``load()``'s verify + ``torch.load``, the checks, then
-``load_state_dict``; dcp: manifest, ``state.pt`` and ``.metadata`` checks, then ``dcp.load``
-verifying each file as it maps it) into the same engine, right after its save, from a cold page
-cache (every file of the checkpoint dropped from it first with ``posix_fadvise``: the legacy
-writer bypasses the cache, DCP's goes through it, and a restart after a crash may have neither).
+``load_state_dict``, the file hashed twice on the way, once more for the other ranks; dcp:
+manifest, ``state.pt`` and ``.metadata`` checks, then ``dcp.load`` verifying each file as it maps
+it) into the same engine, right after its save, from a cold page cache (every file of the
+checkpoint dropped from it first with ``posix_fadvise``: the legacy writer bypasses the cache,
+DCP's goes through it, and a restart after a crash may have neither).
 Checkpoints are deleted after each round, outside the timings.
 """
 
@@ -114,15 +115,16 @@ def state_bytes(engine: Engine) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """Wall and process CPU seconds (user + system, every thread) of ``fn()``, and its result."""
+def timed(fn: Callable[[], Any]) -> tuple[float, float, float, Any]:
+    """Wall, process CPU (user + system, every thread) and system seconds of ``fn()``, and its result."""
     gc.collect()
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     result = fn()
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), result
+    system = after.ru_stime - before.ru_stime
+    return wall, (after.ru_utime - before.ru_utime) + system, system, result
 
 
 def drop_from_page_cache(folder: Path) -> None:
@@ -141,17 +143,18 @@ def one_round(backend: str, legacy: ModuleType, engine: Engine, folder: Path) ->
     folder.mkdir(parents=True)
     plugin_class = legacy.Checkpoint if backend == "legacy" else Checkpoint
     writer = plugin_class(folder, keep_last=1, async_write=False)
-    save_wall, save_cpu, path = timed(lambda: writer.save(engine, background=False))
+    save_wall, save_cpu, save_sys, path = timed(lambda: writer.save(engine, background=False))
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     drop_from_page_cache(folder)
     reader = plugin_class(folder, keep_last=1, resume=True, async_write=False)
     with contextlib.redirect_stdout(io.StringIO()):  # the resume's own lines ("resumed from ...")
-        load_wall, load_cpu, _ = timed(lambda: reader._resume(engine))
+        load_wall, load_cpu, load_sys, _ = timed(lambda: reader._resume(engine))
     if reader.resumed_from != path:
         raise SystemExit(f"error: {backend} resumed from {reader.resumed_from}, not the checkpoint it wrote ({path})")
     shutil.rmtree(folder)
     return {
-        "save wall": save_wall, "save CPU": save_cpu, "load wall": load_wall, "load CPU": load_cpu, "MB": size / 1e6
+        "save wall": save_wall, "save CPU": save_cpu, "save system": save_sys,
+        "load wall": load_wall, "load CPU": load_cpu, "load system": load_sys, "MB": size / 1e6,
     }  # fmt: skip
 
 
@@ -184,19 +187,20 @@ def main() -> None:
                 row = one_round(backend, legacy, engine, Path(tmp) / f"round-{n}")
                 rows[backend].append(row)
                 print(
-                    f"pair {pair + 1} {backend:6s}: save wall {row['save wall']:5.2f} s CPU {row['save CPU']:5.2f} s | "
-                    f"resume wall {row['load wall']:5.2f} s CPU {row['load CPU']:5.2f} s | {row['MB']:,.0f} MB on disk",
+                    f"pair {pair + 1} {backend:6s}: save wall {row['save wall']:5.2f} s CPU {row['save CPU']:5.2f} s "
+                    f"(system {row['save system']:4.2f}) | resume wall {row['load wall']:5.2f} s "
+                    f"CPU {row['load CPU']:5.2f} s (system {row['load system']:4.2f}) | {row['MB']:,.0f} MB on disk",
                     flush=True,
                 )
     print(f"\nmedians of {args.pairs} pairs [min..max]; ratio = dcp / legacy within each pair (< 1: dcp faster)")
-    for key in ("save wall", "save CPU", "load wall", "load CPU"):
+    for key in ("save wall", "save CPU", "save system", "load wall", "load CPU", "load system"):
         parts = []
         for backend in BACKENDS:
             med, lo, hi = summary([r[key] for r in rows[backend]])
             parts.append(f"{backend} {med:5.2f} s [{lo:.2f}..{hi:.2f}]")
         ratios = [d[key] / max(lg[key], 1e-9) for lg, d in zip(rows["legacy"], rows["dcp"])]
         med, lo, hi = summary(ratios)
-        print(f"{key:9s}: {'  '.join(parts)}  ratio {med:.2f} [{lo:.2f}..{hi:.2f}]")
+        print(f"{key:11s}: {'  '.join(parts)}  ratio {med:.2f} [{lo:.2f}..{hi:.2f}]")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
