@@ -8,30 +8,24 @@ waits for its write at its end, so a write that is still running is charged to i
 save is its block's time minus the plain block's in the same round:
 
     python benchmarks/checkpoint_overlap.py                       # background saves, 8 rounds of 6 steps
-    python benchmarks/checkpoint_overlap.py --modes async,sync,async-page-cache --rounds 8
+    python benchmarks/checkpoint_overlap.py --modes async,sync --rounds 8
 
-Modes: ``async`` (the default Checkpoint), ``sync`` (``async_write=False``), ``async-bounce``
-(background, every byte through the writer's aligned block instead of straight from the host
-copy), ``async-page-cache`` (background, through the page cache, as where O_DIRECT is refused),
-``async-nice`` (background, the writer at nice 19 instead of ``SCHED_IDLE``). Two warm-up blocks
-come first, a plain one and one with the first save (reported on its own). As in the main job, the
-host copy's buffers are allocated in the background after the first step. After the rounds, one
-save is written in the foreground with training stopped, as the job's last save is at the end of
-its fit. Each mode's cost per save is given as a median and as a mean, each with a 95% interval;
-the main job's estimate is 14 background saves plus that last save, over its fit time (--fit-s),
-for the mean and for the top of its interval.
+Modes: ``async`` (the default Checkpoint: staged into host buffers, written by DCP's
+``async_save``), ``sync`` (``save(engine, background=False)``: written as training waits). Two
+warm-up blocks come first, a plain one and one with the first save (reported on its own: its
+host buffers are allocated then, as in the main job's first save). After the rounds, one save is
+written in the foreground with training stopped, as the job's last save is at the end of its fit.
+Each mode's cost per save is given as a median and as a mean, each with a 95% interval; the main
+job's estimate is 14 background saves plus that last save, over its fit time (--fit-s), for the
+mean and for the top of its interval.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,26 +34,9 @@ from _common import CONFIGS, machine, mean_interval, median_interval
 from enginekit import Engine, hookimpl
 from enginekit.gpt import GPTModel
 from enginekit.plugins import Checkpoint
-from enginekit.plugins import checkpoint as ckpt_module
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("async", "sync", "async-bounce", "async-page-cache", "async-nice")
-
-
-@contextlib.contextmanager
-def mode_in_force(mode: str) -> Iterator[None]:
-    """The module-level switches ``mode`` needs, for one block (its write included)."""
-    saved = ckpt_module._set_direct, ckpt_module._HashingWriter.FROM_SOURCE_MIN, ckpt_module._lowest_priority
-    if mode == "async-page-cache":
-        ckpt_module._set_direct = lambda fd, on: False
-    elif mode == "async-bounce":
-        ckpt_module._HashingWriter.FROM_SOURCE_MIN = 1 << 62
-    elif mode == "async-nice":
-        ckpt_module._lowest_priority = lambda: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    try:
-        yield
-    finally:
-        ckpt_module._set_direct, ckpt_module._HashingWriter.FROM_SOURCE_MIN, ckpt_module._lowest_priority = saved
+MODES = ("async", "sync")
 
 
 class Blocks:
@@ -69,20 +46,16 @@ class Blocks:
         self.checkpoint, self.block, self.kinds = checkpoint, block, kinds
         self.stamps: list[float] = []
         self.foreground: dict[str, list[float]] = {}  # how long save() kept training waiting
-        self._mode: contextlib.ExitStack | None = None
+        self._saving = False
 
     @hookimpl
     def on_save_point(self, engine: Engine, reason: str) -> None:
         step = engine.state.step
-        if reason == "step" and step == 1:
-            # what the main job's Checkpoint does after its first step, a background save lying ahead
-            self.checkpoint._host_copy.reserve(self.checkpoint._bulk(engine))
         if reason != "step" or step % self.block:
             return
-        if self._mode is not None:  # a save block ends: its unfinished write is charged to it
-            self.checkpoint.wait()
-            self._mode.close()
-            self._mode = None
+        if self._saving:  # a save block ends: its unfinished write is charged to it
+            self.checkpoint.wait(engine)
+            self._saving = False
         self.stamps.append(time.perf_counter())
         index = step // self.block  # the block that starts now
         if len(self.stamps) > 1:  # progress: a run of many rounds takes an hour or more
@@ -90,8 +63,7 @@ class Blocks:
             print(f"  block {index - 1} ({ended}): {self.stamps[-1] - self.stamps[-2]:.2f} s", flush=True)
         kind = self.kinds[index] if index < len(self.kinds) else "plain"
         if kind != "plain":
-            self._mode = contextlib.ExitStack()
-            self._mode.enter_context(mode_in_force(kind))
+            self._saving = True
             start = time.perf_counter()
             self.checkpoint.save(engine, background=kind != "sync")
             key = "warm-up" if index == 2 else kind
