@@ -107,3 +107,57 @@ def test_a_file_is_verified_before_its_bytes_reach_the_loader(tmp_path):
     with pytest.raises(CheckpointError, match=r"__0_0.distcp: sha256 mismatch"):
         dcp.load_tensors(reader, target)
     assert all(not t.any() for t in target["model"].values())  # nothing of the bad file was copied in
+
+
+PIECES = [b"header" * 100, bytes(range(256)) * (70_000), b"x" * 5, bytes(3 << 20), b"tail" * 1001]
+
+
+@pytest.mark.parametrize("mode", ["direct", "page cache", "refused mid-file"])
+def test_every_way_of_writing_gives_the_same_bytes_and_hash(tmp_path, monkeypatch, mode):
+    if mode == "page cache":
+        monkeypatch.setattr(dcp, "_set_direct", lambda fd, on: False)
+    if mode == "refused mid-file":
+        calls = []
+
+        def einval_on_second(fd, data):
+            calls.append(len(data))
+            if len(calls) == 2:
+                raise OSError(22, "Invalid argument")
+            return __import__("os").write(fd, data)
+
+        monkeypatch.setattr(dcp, "_os_write", einval_on_second)
+    fs = dcp._HashingFileSystem(None)
+    with fs.create_stream(tmp_path / "f", "wb") as stream:
+        for piece in PIECES * 6:  # > 2 blocks of 16 MB, and a tail that is no whole block
+            stream.write(piece)
+            stream.flush()
+    expected = b"".join(PIECES * 6)
+    assert (tmp_path / "f").read_bytes() == expected
+    assert fs.written["f"] == (hashlib.sha256(expected).hexdigest(), len(expected))
+
+
+def test_a_failed_write_is_the_disks_own_error(tmp_path, monkeypatch):
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp, "_os_write", full)
+    monkeypatch.setattr(dcp, "_set_direct", lambda fd, on: True)
+    with pytest.raises(OSError, match="No space left"):
+        with dcp._HashingFileSystem(None).create_stream(tmp_path / "f", "wb") as stream:
+            stream.write(bytes(40 << 20))
+
+
+def test_the_crc32_switch_exists_in_this_torch_and_its_files_load():
+    """Fails on a torch without torch.utils.serialization.config's save.compute_crc32."""
+    from torch.utils.serialization import config
+
+    assert hasattr(config, "save") and hasattr(config.save, "compute_crc32"), (
+        f"torch {torch.__version__} has no save.compute_crc32: update enginekit.checkpointing.dcp.without_crc32()"
+    )
+    buf = io.BytesIO()
+    with dcp.without_crc32():
+        assert config.save.compute_crc32 is False
+        torch.save(torch.arange(10), buf)
+    assert config.save.compute_crc32 is True
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=True), torch.arange(10))
