@@ -164,7 +164,18 @@ def main() -> None:
     p.add_argument("--legacy-rev", default="d1a5f69", help=f"the commit whose {LEGACY_PATH} is the legacy writer")
     p.add_argument("--legacy-file", type=Path, default=None, help="that module's source, instead of git show")
     p.add_argument("--dir", type=Path, default=ROOT / "benchmarks", help="where the checkpoints go (a local disk)")
+    p.add_argument(
+        "--plain-dcp",
+        action="store_true",
+        help="dcp without enginekit's stream layer: through the page cache, sha256 inline, CRC32 on (DCP as it ships)",
+    )
     args = p.parse_args()
+    if args.plain_dcp:
+        from enginekit.checkpointing import dcp
+
+        dcp._set_direct = lambda fd, on: False  # type: ignore[assignment]
+        dcp._HashingStream.HASH_BESIDE = 1 << 62
+        dcp.without_crc32 = contextlib.nullcontext  # type: ignore[assignment]
     if args.pairs < 1:
         p.error("--pairs must be >= 1")
     source = args.legacy_file.read_text() if args.legacy_file else legacy_source(args.legacy_rev)
@@ -178,6 +189,8 @@ def main() -> None:
         print(f"machine: {machine()}; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start")
         size = state_bytes(engine) / 1e9
         print(f"state: 124M GPT + AdamW, {size:.2f} GB of tensors; legacy: {origin}; checkpoints in {args.dir}")
+        if args.plain_dcp:
+            print("dcp: plain (page cache, sha256 inline, CRC32 on)")
         rows: dict[str, list[dict[str, float]]] = {b: [] for b in BACKENDS}
         n = 0
         for pair in range(args.pairs):
