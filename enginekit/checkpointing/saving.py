@@ -83,6 +83,7 @@ class Save:
     def _commit(self, writer: dcp.Writer, future: Future[Any] | None) -> None:
         try:
             if future is not None:
+                dcp.lowest_priority()
                 future.result()
             written = [writer.written]
             if self.group is not None:
