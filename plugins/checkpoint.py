@@ -247,10 +247,10 @@ class Checkpoint:
         save, self._save = self._save, None
         error = save.wait() if save is not None else None
         if error is not None and save is not None:
-            if isinstance(error, TrainingAborted):
-                raise error
             if isinstance(error, (backend.Abandoned, KeyboardInterrupt)):
                 self._abandoned = save.path.name
+            if isinstance(error, TrainingAborted):
+                raise error  # the process ends now; on_exception says what was abandoned
             error = write_error(save.path, error, self.folder.newest_size(), self.folder.newest_line())
         if engine is not None:
             ok = engine.all_true(error is None)  # the other ranks must not wait forever for rank 0

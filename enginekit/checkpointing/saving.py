@@ -59,8 +59,8 @@ class Save:
             writer, future = dcp.save(
                 self.path, self.tensors, self.group, background=background, host=host, abandon=abandon
             )
-        except BaseException as exc:
-            self.error = exc
+        except BaseException as exc:  # DCP wraps each rank's error in a BaseException of its own
+            self.error = dcp.first_failure(exc)
             return
         finally:
             self.tensors = {}  # staged or written: the live state is no longer needed
