@@ -113,10 +113,7 @@ class Checkpoint:
                 busy = str(exc)
         if not engine.all_true(busy is None):
             raise CheckpointError(busy or f"{self.dir} is in use by another run (rank 0 could not lock it)")
-        if engine.state.world_size > 1 and self._group is None:
-            import torch.distributed as dist
-
-            self._group = dist.new_group(backend="gloo")  # every rank, in the same order
+        self._join_group(engine)
         result = yield  # every other plugin sets up first; restored state then wins over it
         problem = None
         if engine.state.is_main:
@@ -232,6 +229,7 @@ class Checkpoint:
             if failed is not None:
                 raise failed
             raise CheckpointWriteError(f"rank 0 could not prepare {path.name}; {self.folder.newest_line()}")
+        self._join_group(engine)  # a save after fit (the group went with after_fit)
         manifest = Manifest(state["step"], st.world_size, engine.strategy, {})
         tensors = {"model": model_sd, "optimizer": optim_sd["state"]}
         self._save = Save(self.folder, path, tensors, small, manifest, self._group, self.keep_last)
@@ -260,6 +258,12 @@ class Checkpoint:
                 raise CheckpointWriteError(f"another rank failed to write a checkpoint; {self.folder.newest_line()}")
         if error is not None:
             raise error
+
+    def _join_group(self, engine: Engine) -> None:
+        if engine.state.world_size > 1 and self._group is None:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")  # every rank calls it, in the same order
 
     def _close(self) -> None:
         self._host.release()
