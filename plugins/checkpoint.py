@@ -237,13 +237,14 @@ class Checkpoint:
     def wait(self, engine: Engine | None = None) -> None:
         """Block until the save in flight is committed; raise :class:`CheckpointWriteError` if it failed
         (on every rank, when ``engine`` is given: every rank must call it then)."""
-        save, self._save = self._save, None
+        save = self._save
         error = save.wait() if save is not None else None
+        self._save = None  # only once joined: a wait cut short by a second signal leaves it to the next
         if error is not None and save is not None:
+            if isinstance(error, (backend.Abandoned, KeyboardInterrupt)):  # TrainingAborted too
+                self._abandoned = save.path.name
             if isinstance(error, TrainingAborted):
                 raise error
-            if isinstance(error, (backend.Abandoned, KeyboardInterrupt)):
-                self._abandoned = save.path.name
             error = write_error(save.path, error, _bytes_of(self.folder), self.folder.newest_line())
         if engine is not None:
             ok = engine.all_true(error is None)  # the other ranks must not wait forever for rank 0

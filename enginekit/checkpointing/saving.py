@@ -58,7 +58,7 @@ class Save:
                 self.path, self.tensors, self.group, background=background, host=host, abandon=abandon
             )
         except BaseException as exc:
-            self.error = exc
+            self.error = dcp.first_failure(exc)  # DCP wraps a second signal's TrainingAborted: unwrapped, it ends fit
             return
         finally:
             self.tensors = {}  # staged or written: the live state is no longer needed
