@@ -100,6 +100,7 @@ class Checkpoint:
         self._abandon = threading.Event()  # set on a second signal: the write in flight stops
         self._abandoned: str | None = None
         self._changes: list[str] = []  # the settings a resume accepted (allow_changes)
+        self._needs = 0  # bytes of the save in flight, for "no space left" before any checkpoint is on disk
 
     # ------------------------------------------------------------------ hooks
 
@@ -227,6 +228,7 @@ class Checkpoint:
                 self.folder.clear_leftovers()  # this step's save cut short earlier (committed ones are never rewritten)
         manifest = Manifest(state["step"], st.world_size, engine.strategy, {})
         tensors = {"model": model_sd, "optimizer": optim_sd["state"]}
+        self._needs = _nbytes(tensors) + len(small or b"")
         self._save = Save(self.folder, path, tensors, small, manifest, self._group, self.keep_last)
         self._save.run(background, self._host, self._abandon)
         if not background:
@@ -245,7 +247,8 @@ class Checkpoint:
                 self._abandoned = save.path.name
             if isinstance(error, TrainingAborted):
                 raise error
-            error = write_error(save.path, error, _bytes_of(self.folder), self.folder.newest_line())
+            needs = max(_bytes_of(self.folder), self._needs)
+            error = write_error(save.path, error, needs, self.folder.newest_line())
         if engine is not None:
             ok = engine.all_true(error is None)  # the other ranks must not wait forever for rank 0
             if not ok and engine.state.is_main:
@@ -428,6 +431,16 @@ def _bytes_of(folder: Folder) -> int:
             return sum(p.stat().st_size for p in path.iterdir())
         except OSError:
             continue
+    return 0
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts), this rank's shards under FSDP."""
+    if isinstance(obj, torch.Tensor):
+        local = _local(obj)
+        return local.numel() * local.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
     return 0
 
 
