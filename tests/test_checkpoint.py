@@ -452,7 +452,6 @@ def test_a_file_named_like_a_checkpoint_is_skipped_not_read(two_checkpoints, cap
 def test_a_manifest_that_lists_a_path_out_of_the_folder_is_refused(two_checkpoints, tmp_path, capsys):
     outside = tmp_path / "x"
     outside.write_bytes(b"secret")
-    rewrite_manifest(two_checkpoints / "ckpt-00000006")  # a well-formed manifest, then one odd entry
     manifest = json.loads((two_checkpoints / "ckpt-00000006" / "manifest.json").read_text())
     manifest["files"]["../../x"] = {"sha256": hashlib.sha256(b"secret").hexdigest(), "bytes": 6}
     (two_checkpoints / "ckpt-00000006" / "manifest.json").write_text(json.dumps(manifest))
