@@ -53,7 +53,7 @@ def test_weights_are_identical_on_both_ranks(two_ranks):
 def test_only_rank_0_writes_files_and_prints(two_ranks):
     out, proc = two_ranks
     assert (out / "rank0" / "metrics" / "metrics.jsonl").exists()
-    assert list((out / "rank0" / "checkpoints").glob("ckpt-*.pt"))
+    assert list((out / "rank0" / "checkpoints").glob("ckpt-*"))
     assert not (out / "rank1").exists()
     assert proc.stdout.count("Ep 1 (Iter 000000)") == 1
 
@@ -114,8 +114,8 @@ def test_interrupted_and_resumed_under_two_ranks_equals_uninterrupted(two_ranks,
     out = tmp_path / "run"
     proc = torchrun(out, "--kill-at", "13", check=False)
     assert proc.returncode != 0
-    names = sorted(p.name for p in (out / "checkpoints").glob("ckpt-*.pt"))
-    assert names[-1] == "ckpt-00000010.pt"  # mid-epoch: 11 steps per epoch per rank
+    names = sorted(p.name for p in (out / "checkpoints").glob("ckpt-*"))
+    assert names[-1] == "ckpt-00000010"  # mid-epoch: 11 steps per epoch per rank
     torchrun(out, "--resume")
     ref0 = torch.load(reference / "result-rank0.pt", weights_only=True)
     for res in results(out):
@@ -145,7 +145,7 @@ def test_every_rank_resumes_from_the_file_rank_0_chose_or_all_say_why_not(two_ra
     shutil.copytree(reference / "rank0", tmp_path / "rank0")  # rank 1 gets its own, empty folder
     proc = torchrun(tmp_path, "--per-rank-dirs", "--resume", check=False)
     assert proc.returncode != 0
-    newest = sorted(p.name for p in (tmp_path / "rank0" / "checkpoints").glob("ckpt-*.pt"))[-1]
+    newest = sorted(p.name for p in (tmp_path / "rank0" / "checkpoints").glob("ckpt-*"))[-1]
     said = f"rank 0 chose {newest} to resume from, but"
     assert proc.stderr.count(said) >= 2, proc.stderr  # both ranks raise the same clear error
     assert f"rank 1: cannot load {tmp_path / 'rank1' / 'checkpoints' / newest}" in proc.stderr
