@@ -18,6 +18,7 @@ from enginekit.checkpointing.format import FORMAT, VERSION, Manifest, checkpoint
 from enginekit.checkpointing.loading import Opened, open_checkpoint
 from enginekit.checkpointing.saving import Save, serialize, write_error
 from enginekit.checkpointing.settings import compare_settings
+from enginekit.checkpointing.storage import remove
 from enginekit.hookspec import hookimpl
 from enginekit.plugin_api import FolderBusyError, blame, check_count, lock_folder, unlock_folder
 
@@ -224,8 +225,10 @@ class Checkpoint:
                 "format": FORMAT, "version": VERSION, "engine": state, "plugins": self._plugin_states(engine),
                 "settings": run_settings(engine, skip=self), "param_groups": optim_sd["param_groups"],
             })  # fmt: skip
-            if path.exists():
-                self.folder.clear_leftovers()  # this step's save cut short earlier (committed ones are never rewritten)
+            if path.exists():  # this step's save cut short earlier, or committed already (a skipped batch moves
+                # the epoch's end past what the step save foresaw): replaced, never rewritten in place, so a
+                # crash meanwhile leaves a leftover (manifest removed first), not a torn checkpoint
+                remove(path)
         manifest = Manifest(state["step"], st.world_size, engine.strategy, {})
         tensors = {"model": model_sd, "optimizer": optim_sd["state"]}
         self._needs = _nbytes(tensors) + len(small or b"")

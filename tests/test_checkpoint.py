@@ -21,6 +21,7 @@ import torch
 from enginekit import NonFiniteLossError, hookimpl
 from enginekit.checkpointing.dcp import _HashingStream
 from enginekit.plugins import Checkpoint, CheckpointError, LossTracker, LRWarmup, warmup_lr
+from enginekit.plugins import checkpoint as checkpoint_module
 from enginekit.testing import HookRecorder, drive, make_engine
 
 from checkpoint_helpers import FILES, flip_a_byte, read_checkpoint, rewrite_manifest
@@ -338,6 +339,20 @@ def test_nan_under_the_skip_policy_leaves_state_and_schedule_unchanged(tmp_path)
     attempts_of_3 = [w for s, w in weights if s == 3]
     assert len(attempts_of_3) == 2 and attempts_of_3[0] == attempts_of_3[1]  # weights unchanged by the skip
     assert [p.name for p in Checkpoint(folder).checkpoints()][0] == "ckpt-00000007"
+
+
+def test_a_second_save_of_the_same_step_replaces_the_checkpoint_never_rewrites_it_in_place(
+    tmp_path, monkeypatch, recwarn
+):
+    folder = tmp_path / "ck"
+    removed = []
+    real_remove = checkpoint_module.remove
+    monkeypatch.setattr(checkpoint_module, "remove", lambda path: removed.append(path.name) or real_remove(path))
+    # the skipped batch moves the epoch's end: step 7 is saved as a step, then as the epoch's end
+    drive(Checkpoint(folder, every_steps=1, keep_last=10), steps_per_epoch=8, nonfinite="skip", losses=nan_once_at(3))
+    assert removed == ["ckpt-00000007"]
+    assert not [w for w in recwarn if "existing checkpoint" in str(w.message)]  # DCP never wrote over it
+    assert Checkpoint(folder).verify(folder / "ckpt-00000007") is None
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint. every_epoch=False:UserWarning")  # saving on the signal only
