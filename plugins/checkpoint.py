@@ -14,7 +14,8 @@ from enginekit.checkpointing import CheckpointError, CheckpointWriteError, Folde
 from enginekit.checkpointing import dcp as backend
 from enginekit.checkpointing.format import FORMAT, VERSION, Manifest, checkpoint_name
 from enginekit.checkpointing.loading import check_fits, open_newest, restore_plugins
-from enginekit.checkpointing.saving import Save, first_nonfinite, plugin_states, serialize, write_error
+from enginekit.checkpointing.saving import Save, first_nonfinite, nbytes, plugin_states, serialize, write_error
+from enginekit.checkpointing.storage import remove
 from enginekit.hookspec import hookimpl
 from enginekit.plugin_api import FolderBusyError, check_count, lock_folder, unlock_folder
 
@@ -97,6 +98,7 @@ class Checkpoint:
         self._abandon = threading.Event()  # set on a second signal: the write in flight stops
         self._abandoned: str | None = None
         self._changes: list[str] = []  # the settings a resume accepted (allow_changes)
+        self._needs = 0  # bytes of the save in flight, for "no space left" before any checkpoint is on disk
 
     # ------------------------------------------------------------------ hooks
 
@@ -221,8 +223,9 @@ class Checkpoint:
                     "format": FORMAT, "version": VERSION, "engine": state, "plugins": plugins,
                     "settings": run_settings(engine, skip=self), "param_groups": optim_sd["param_groups"],
                 })  # fmt: skip
-                if path.exists():
-                    self.folder.clear_leftovers()  # this step's save cut short earlier (committed ones stay)
+                if path.exists():  # cut short earlier, or committed already (a skipped batch moved the epoch's
+                    # end): replaced, never rewritten in place; its manifest goes first
+                    remove(path)
             except Exception as exc:
                 failed = exc
         if not engine.all_true(failed is None):  # before DCP's collectives, which rank 1 would wait in
@@ -232,6 +235,7 @@ class Checkpoint:
         self._join_group(engine)  # a save after fit (the group went with after_fit)
         manifest = Manifest(state["step"], st.world_size, engine.strategy, {})
         tensors = {"model": model_sd, "optimizer": optim_sd["state"]}
+        self._needs = nbytes(tensors) + len(small or b"")
         self._save = Save(self.folder, path, tensors, small, manifest, self._group, self.keep_last)
         self._save.run(background, self._host, self._abandon)
         if not background:
@@ -242,14 +246,16 @@ class Checkpoint:
     def wait(self, engine: Engine | None = None) -> None:
         """Block until the save in flight is committed; raise :class:`CheckpointWriteError` if it failed
         (on every rank, when ``engine`` is given: every rank must call it then)."""
-        save, self._save = self._save, None
+        save = self._save
         error = save.wait() if save is not None else None
+        self._save = None  # only once joined: a wait cut short by a second signal leaves it to the next
         if error is not None and save is not None:
             if isinstance(error, (backend.Abandoned, KeyboardInterrupt)):
                 self._abandoned = save.path.name
             if isinstance(error, TrainingAborted):
                 raise error  # the process ends now; on_exception says what was abandoned
-            error = write_error(save.path, error, self.folder.newest_size(), self.folder.newest_line())
+            needs = max(self.folder.newest_size(), self._needs)
+            error = write_error(save.path, error, needs, self.folder.newest_line())
         if engine is not None:
             ok = engine.all_true(error is None)  # the other ranks must not wait forever for rank 0
             if not ok and engine.state.is_main:

@@ -6,9 +6,10 @@
 Trains a tiny GPT (dropout on, shuffled data) for 3 epochs with every appendix-D plugin, a
 LossTracker and a Checkpoint every 4 steps, then writes OUT/result.pt with everything a
 bit-exact comparison needs. ``--kill-at K`` SIGKILLs itself at the start of step K;
-``--pause-write-at K`` stops inside the write of the checkpoint after K steps, with the
-temporary file complete but not renamed, after creating OUT/paused. The ``--broken-*`` flags
-are negative controls: resume without restoring the RNGs, or without the step counter.
+``--pause-write-at K`` stops inside the write of the checkpoint after K steps, with every
+file written but its manifest (the commit) not yet renamed into place, after creating
+OUT/paused. The ``--broken-*`` flags are negative controls: resume without restoring the RNGs,
+or without the step counter.
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ def main() -> None:
 
         Engine.load_state_dict = forget_step
     if args.pause_write_at is not None:
-        target = f".ckpt-{args.pause_write_at:08d}.pt."
+        target = f"ckpt-{args.pause_write_at:08d}"
 
         def pause(tmp: Path) -> None:
-            if tmp.name.startswith(target) and not tmp.name.endswith(".sha256"):
+            if tmp.parent.name == target and tmp.name.startswith(".manifest.json."):  # all written, not committed
                 (args.out / "paused").write_text(tmp.name)
                 time.sleep(120)
 

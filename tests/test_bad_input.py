@@ -177,7 +177,7 @@ def test_a_checkpoint_of_another_model_is_one_line_with_details_on_request(tmp_p
     message = str(info.value)
     assert "\n" not in message
     assert (
-        "ckpt-00000002.pt holds another model (" in message
+        "ckpt-00000002 holds another model (" in message
         and "tok_emb.weight: (50257, 16) in the checkpoint" in message
     )
     assert len(info.value.details) > 10 and any("out_head.weight" in d for d in info.value.details)
@@ -212,16 +212,16 @@ def test_a_second_run_on_the_same_out_refuses_at_once_naming_the_holder(cli, tmp
 def test_a_checkpoint_that_cannot_be_written_exits_4_saying_why(cli, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from enginekit.plugins import checkpoint as ckpt_module
+    from enginekit.checkpointing import dcp, saving
 
-    def full(*args, **kwargs):
+    def full(self, data):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123 vs 0")
 
-    monkeypatch.setattr(ckpt_module.torch, "save", full)
-    monkeypatch.setattr(ckpt_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(dcp._HashingStream, "write", full)  # every file DCP writes
+    monkeypatch.setattr(saving.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
     argv = ["--model", "tiny", "--max-steps", "2", "--warmup-steps", "1", "--no-progress", "--no-sample"]
     argv += ["--out", str(tmp_path / "run")]
     assert cli.main(argv) == 4
     err = capsys.readouterr().err
-    assert "could not write ckpt-00000002.pt: no space left on device" in err and "inline_container" not in err
+    assert "could not write ckpt-00000002: no space left on device" in err and "inline_container" not in err
     assert "no checkpoint is on disk yet" in err

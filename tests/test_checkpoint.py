@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -17,10 +19,12 @@ import pytest
 import torch
 
 from enginekit import NonFiniteLossError, hookimpl
+from enginekit.checkpointing.dcp import _HashingStream
 from enginekit.plugins import Checkpoint, CheckpointError, LossTracker, LRWarmup, warmup_lr
-from enginekit.plugins.checkpoint import sha256_file
+from enginekit.plugins import checkpoint as checkpoint_module
 from enginekit.testing import HookRecorder, drive, make_engine
 
+from checkpoint_helpers import FILES, flip_a_byte, read_checkpoint, rewrite_manifest
 from conftest import DEVICES, ROOT
 
 JOB = ROOT / "tests" / "resume_job.py"
@@ -62,10 +66,10 @@ def killed(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("killed")
     proc = job(out, "--kill-at", "18", check=False)
     assert proc.returncode == -signal.SIGKILL
-    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [
-        "ckpt-00000008.pt",
-        "ckpt-00000012.pt",
-        "ckpt-00000016.pt",
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt-*")) == [
+        "ckpt-00000008",
+        "ckpt-00000012",
+        "ckpt-00000016",
     ]
     return out
 
@@ -74,15 +78,15 @@ def resumed_copy(killed: Path, tmp_path: Path, *flags: str) -> dict:
     out = tmp_path / "run"
     shutil.copytree(killed, out)
     proc = job(out, "--resume", *flags)
-    assert "resumed from ckpt-00000016.pt (step " in proc.stdout
+    assert "resumed from ckpt-00000016 (step " in proc.stdout
     return load_result(out)
 
 
 def test_killed_then_resumed_in_a_fresh_process_equals_uninterrupted(uninterrupted, killed, tmp_path):
     ckpt = Checkpoint(killed / "checkpoints")
     newest = ckpt.checkpoints()[0]
-    assert ckpt.verify(newest) is None  # kill -9 during training left a checkpoint whose hash matches
-    state = ckpt.load(newest)["engine"]
+    assert ckpt.verify(newest) is None  # kill -9 during training left a checkpoint whose hashes match
+    state = read_checkpoint(newest)["engine"]
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (16, 1, 4)  # mid-epoch
     resumed = resumed_copy(killed, tmp_path)
     assert_identical(resumed, uninterrupted)
@@ -114,14 +118,15 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted, 
         if proc.poll() is None:
             proc.kill()
     folder = out / "checkpoints"
-    leftovers = list(folder.glob(".ckpt-*.tmp"))
-    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the interrupted write
+    unfinished = folder / "ckpt-00000016"  # killed before its commit: every file but the manifest
+    assert not (unfinished / "manifest.json").exists()
+    assert (unfinished / "__0_0.distcp").stat().st_size > 0 and list(unfinished.glob(".manifest.json.*.tmp"))
     ckpt = Checkpoint(folder)
-    assert [p.name for p in ckpt.checkpoints()][0] == "ckpt-00000012.pt"
-    assert ckpt.verify(ckpt.checkpoints()[0]) is None
+    assert ckpt.verify(unfinished) == "ckpt-00000016: no manifest.json (its save did not finish)"
+    assert ckpt.verify(folder / "ckpt-00000012") is None
     proc2 = job(out, "--resume")
-    assert "resumed from ckpt-00000012.pt" in proc2.stdout
-    assert not list(folder.glob(".ckpt-*.tmp"))  # cleaned up
+    assert "resumed from ckpt-00000012" in proc2.stdout and "skipping" not in proc2.stdout
+    assert not list(folder.rglob("*.tmp"))  # cleaned up
     assert_identical(load_result(out), uninterrupted)
 
 
@@ -132,7 +137,7 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(uninterrupted, 
 def two_checkpoints(tmp_path) -> Path:
     folder = tmp_path / "ck"
     drive([LossTracker(eval_freq=2), Checkpoint(folder, every_steps=3)], steps_per_epoch=6)
-    assert [p.name for p in Checkpoint(folder).checkpoints()] == ["ckpt-00000006.pt", "ckpt-00000003.pt"]
+    assert [p.name for p in Checkpoint(folder).checkpoints()] == ["ckpt-00000006", "ckpt-00000003"]
     return folder
 
 
@@ -143,26 +148,27 @@ def resume_engine(folder: Path):
 
 
 def test_truncated_checkpoint_is_detected_and_the_previous_one_used(two_checkpoints, capsys):
-    newest = two_checkpoints / "ckpt-00000006.pt"
+    newest = two_checkpoints / "ckpt-00000006" / "__0_0.distcp"
+    size = newest.stat().st_size
     newest.write_bytes(newest.read_bytes()[:1000])
     engine = resume_engine(two_checkpoints)
     out = capsys.readouterr().out
-    assert "skipping ckpt-00000006.pt: sha256 mismatch" in out and "truncated or corrupted" in out
-    assert "resumed from ckpt-00000003.pt (step 3" in out
+    assert (
+        f"skipping ckpt-00000006: __0_0.distcp is 1000 bytes, the manifest says {size}: truncated or corrupted" in out
+    )
+    assert "resumed from ckpt-00000003 (step 3" in out
     assert engine.state.step == 7
 
 
-def test_bit_flipped_checkpoint_is_detected(two_checkpoints, capsys):
-    newest = two_checkpoints / "ckpt-00000006.pt"
-    data = bytearray(newest.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    newest.write_bytes(bytes(data))
+@pytest.mark.parametrize("name", ["__0_0.distcp", "state.pt", ".metadata"])
+def test_bit_flipped_checkpoint_is_detected(two_checkpoints, capsys, name):
+    flip_a_byte(two_checkpoints / "ckpt-00000006" / name)
     resume_engine(two_checkpoints)
     out = capsys.readouterr().out
-    assert [line for line in out.splitlines() if "skipping" in line] == [
-        next(line for line in out.splitlines() if "ckpt-00000006.pt: sha256 mismatch" in line)
-    ]
-    assert "resumed from ckpt-00000003.pt" in out
+    skipped = [line for line in out.splitlines() if "skipping" in line]
+    assert len(skipped) == 1 and f"skipping ckpt-00000006: {name}: sha256 mismatch (recorded " in skipped[0]
+    assert "truncated or corrupted" in skipped[0]
+    assert "resumed from ckpt-00000003" in out
 
 
 class Exploit:
@@ -174,32 +180,36 @@ class Exploit:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("name", ["state.pt", ".metadata"])
 @pytest.mark.parametrize("rehash", [False, True], ids=["hash-mismatch", "attacker-rewrote-the-hash"])
-def test_malicious_pickle_is_refused_and_never_runs(two_checkpoints, tmp_path, capsys, rehash):
+def test_malicious_pickle_is_refused_and_never_runs(two_checkpoints, tmp_path, capsys, rehash, name):
     marker = tmp_path / "pwned"
-    newest = two_checkpoints / "ckpt-00000006.pt"
-    newest.write_bytes(pickle.dumps({"model": Exploit(marker)}))
-    if rehash:
-        digest = hashlib.sha256(newest.read_bytes()).hexdigest()
-        (two_checkpoints / "ckpt-00000006.pt.sha256").write_text(f"{digest}  ckpt-00000006.pt\n")
+    newest = two_checkpoints / "ckpt-00000006"
+    exploit = pickle.dumps({"model": Exploit(marker)})
+    if rehash:  # the manifest vouches for it: the safe loader alone stands in the way
+        rewrite_manifest(newest, **{name: exploit})
+    else:
+        size = (newest / name).stat().st_size
+        (newest / name).write_bytes(exploit.ljust(size, b" "))  # the size recorded, other bytes
     resume_engine(two_checkpoints)
     out = capsys.readouterr().out
     assert not marker.exists()
-    reason = "refused by the safe loader" if rehash else "sha256 mismatch"
-    assert f"skipping ckpt-00000006.pt: {reason}" in out
-    assert "resumed from ckpt-00000003.pt" in out
+    safe = "refused by the safe loader" if name == "state.pt" else "refused by the safe reader"
+    reason = f"{name} {safe}" if rehash else f"{name}: sha256 mismatch"
+    assert f"skipping ckpt-00000006: {reason}" in out
+    assert "resumed from ckpt-00000003" in out
 
 
 def test_loading_uses_weights_only(two_checkpoints, monkeypatch):
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
-    Checkpoint(two_checkpoints).load_latest()
+    assert resume_engine(two_checkpoints).plugins["checkpoint"].resumed_from.name == "ckpt-00000006"
     assert calls and all(k.get("weights_only") is True for k in calls)
 
 
 def test_no_valid_checkpoint_at_all_is_an_error_not_a_fresh_start(two_checkpoints):
-    for p in two_checkpoints.glob("ckpt-*.pt"):
+    for p in two_checkpoints.glob("ckpt-*/__0_0.distcp"):
         p.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="no valid checkpoint.*2 found, none verifies"):
         resume_engine(two_checkpoints)
@@ -210,17 +220,28 @@ def test_empty_folder_starts_fresh(tmp_path, capsys):
     assert "no checkpoint in" in capsys.readouterr().out and engine.state.step == 7
 
 
-def test_leftover_temporary_file_is_ignored_and_removed(two_checkpoints):
-    leftover = two_checkpoints / ".ckpt-00000009.pt.4242.tmp"
-    leftover.write_bytes(b"half a checkpoint")
+def test_a_checkpoint_without_its_manifest_is_unfinished_removed_and_the_previous_one_resumed(two_checkpoints, capsys):
+    (two_checkpoints / "ckpt-00000006" / "manifest.json").unlink()
+    assert Checkpoint(two_checkpoints).verify(two_checkpoints / "ckpt-00000006") == (
+        "ckpt-00000006: no manifest.json (its save did not finish)"
+    )
     engine = resume_engine(two_checkpoints)
-    assert not leftover.exists() and engine.state.step == 7
+    out = capsys.readouterr().out
+    assert "resumed from ckpt-00000003 (step 3" in out and engine.state.step == 7
+    assert "skipping" not in out  # a save that did not finish is not a checkpoint: removed, not reported
 
 
-def test_missing_hash_file_means_unfinished_and_is_skipped(two_checkpoints, capsys):
-    (two_checkpoints / "ckpt-00000006.pt.sha256").unlink()
-    resume_engine(two_checkpoints)
-    assert "no .sha256 file beside it" in capsys.readouterr().out
+def test_leftover_temporary_files_and_unfinished_saves_are_ignored_and_removed(two_checkpoints, capsys):
+    leftover = two_checkpoints / ".ckpt-00000009.4242.tmp"
+    leftover.write_bytes(b"half a file")
+    unfinished = two_checkpoints / "ckpt-00000009"  # a save cut short: no manifest
+    shutil.copytree(two_checkpoints / "ckpt-00000006", unfinished)
+    (unfinished / "manifest.json").unlink()
+    (unfinished / ".manifest.json.4242.tmp").write_bytes(b"{")
+    engine = resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert not leftover.exists() and not unfinished.exists() and engine.state.step == 7
+    assert "resumed from ckpt-00000006" in out and "skipping" not in out
 
 
 def test_keep_last_prunes_only_older_checkpoints(tmp_path):
@@ -228,14 +249,17 @@ def test_keep_last_prunes_only_older_checkpoints(tmp_path):
     drive(Checkpoint(folder, every_steps=1, keep_last=2), steps_per_epoch=5)
     assert sorted(p.name for p in folder.iterdir()) == [
         ".enginekit.lock",  # the run lock: released when fit ends, the file stays
-        "ckpt-00000004.pt",
-        "ckpt-00000004.pt.sha256",
-        "ckpt-00000005.pt",
-        "ckpt-00000005.pt.sha256",
+        "ckpt-00000004",
+        "ckpt-00000005",
     ]
     assert all(Checkpoint(folder).verify(p) is None for p in Checkpoint(folder).checkpoints())
-    line = (folder / "ckpt-00000005.pt.sha256").read_text()
-    assert line == f"{sha256_file(folder / 'ckpt-00000005.pt')}  ckpt-00000005.pt\n"  # sha256sum format
+    newest = folder / "ckpt-00000005"
+    assert {p.name for p in newest.iterdir()} == FILES
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest["step"] == 5 and set(manifest["files"]) == FILES - {"manifest.json"}
+    for name, entry in manifest["files"].items():  # what sha256sum says of each file
+        data = (newest / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 # ---------------------------------------------------------------- plugin state
@@ -277,9 +301,9 @@ def test_nan_under_the_error_policy_writes_no_checkpoint_of_the_poisoned_state(t
     with pytest.raises(NonFiniteLossError, match="at step 5"):
         drive(Checkpoint(folder, every_steps=1), steps_per_epoch=8, losses=lambda s: float("nan") if s == 5 else 1.0)
     names = [p.name for p in Checkpoint(folder).checkpoints()]
-    assert names[0] == "ckpt-00000005.pt"  # after steps 0-4; nothing for step 5 or later
-    payload = Checkpoint(folder).load(folder / names[0])
-    assert all(torch.isfinite(v).all() for v in payload["model"].values())
+    assert names[0] == "ckpt-00000005"  # after steps 0-4; nothing for step 5 or later
+    payload = read_checkpoint(folder / names[0])
+    assert payload["model"] and all(torch.isfinite(v).all() for v in payload["model"].values())
 
 
 def nan_once_at(step: int):
@@ -314,7 +338,21 @@ def test_nan_under_the_skip_policy_leaves_state_and_schedule_unchanged(tmp_path)
     assert run.lrs[:5] == [warmup_lr(s, 4, 0.0, 0.1) for s in range(4)] + [0.1]  # schedule did not advance on the skip
     attempts_of_3 = [w for s, w in weights if s == 3]
     assert len(attempts_of_3) == 2 and attempts_of_3[0] == attempts_of_3[1]  # weights unchanged by the skip
-    assert [p.name for p in Checkpoint(folder).checkpoints()][0] == "ckpt-00000007.pt"
+    assert [p.name for p in Checkpoint(folder).checkpoints()][0] == "ckpt-00000007"
+
+
+def test_a_second_save_of_the_same_step_replaces_the_checkpoint_never_rewrites_it_in_place(
+    tmp_path, monkeypatch, recwarn
+):
+    folder = tmp_path / "ck"
+    removed = []
+    real_remove = checkpoint_module.remove
+    monkeypatch.setattr(checkpoint_module, "remove", lambda path: removed.append(path.name) or real_remove(path))
+    # the skipped batch moves the epoch's end: step 7 is saved as a step, then as the epoch's end
+    drive(Checkpoint(folder, every_steps=1, keep_last=10), steps_per_epoch=8, nonfinite="skip", losses=nan_once_at(3))
+    assert removed == ["ckpt-00000007"]
+    assert not [w for w in recwarn if "existing checkpoint" in str(w.message)]  # DCP never wrote over it
+    assert Checkpoint(folder).verify(folder / "ckpt-00000007") is None
 
 
 @pytest.mark.filterwarnings("ignore:Checkpoint. every_epoch=False:UserWarning")  # saving on the signal only
@@ -332,7 +370,7 @@ def test_sigterm_saves_the_last_finished_step(tmp_path):
     with pytest.raises(TrainingInterrupted) as info:
         drive([Term(), Checkpoint(folder, every_epoch=False)], steps_per_epoch=6)
     assert info.value.exit_code == 143
-    assert [p.name for p in Checkpoint(folder).checkpoints()] == ["ckpt-00000003.pt"]
+    assert [p.name for p in Checkpoint(folder).checkpoints()] == ["ckpt-00000003"]
 
 
 @pytest.mark.parametrize(
@@ -371,19 +409,30 @@ def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(two_check
     with pytest.raises(CheckpointError, match="already holds 2 checkpoint\\(s\\) of another run.*overwrite=True"):
         drive(Checkpoint(two_checkpoints), steps_per_epoch=2)
     drive(Checkpoint(two_checkpoints, overwrite=True), steps_per_epoch=2)
-    assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == ["ckpt-00000002.pt"]
+    assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == ["ckpt-00000002"]
 
 
 def test_after_falling_back_newer_bad_files_are_set_aside_and_never_kept_over_good_ones(two_checkpoints):
-    newest = two_checkpoints / "ckpt-00000006.pt"
-    newest.write_bytes(b"torn")
+    (two_checkpoints / "ckpt-00000006" / "__0_0.distcp").write_bytes(b"torn")
     engine = make_engine(
         [LossTracker(eval_freq=2), Checkpoint(two_checkpoints, every_steps=1, keep_last=1, resume=True)],
         steps_per_epoch=6,
     )
     engine.fit(max_steps=5)
-    assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == ["ckpt-00000005.pt"]
-    assert (two_checkpoints / "ckpt-00000006.pt.corrupt").exists()
+    assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == ["ckpt-00000005"]
+    assert (two_checkpoints / "ckpt-00000006.corrupt" / "__0_0.distcp").read_bytes() == b"torn"  # kept for a look
+
+
+def test_a_checkpoint_whose_shard_fails_when_loaded_is_set_aside_as_corrupt(two_checkpoints, capsys):
+    flip_a_byte(two_checkpoints / "ckpt-00000006" / "__0_0.distcp")  # the size is right: found when read
+    engine = make_engine(
+        [LossTracker(eval_freq=2), Checkpoint(two_checkpoints, every_steps=1, keep_last=2, resume=True)],
+        steps_per_epoch=6,
+    )
+    engine.fit(max_steps=4)
+    assert "resumed from ckpt-00000003" in capsys.readouterr().out
+    assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == ["ckpt-00000004", "ckpt-00000003"]
+    assert (two_checkpoints / "ckpt-00000006.corrupt").is_dir()
 
 
 def test_resuming_with_another_run_length_is_an_error_naming_both(tmp_path):
@@ -398,13 +447,33 @@ def test_resuming_with_another_run_length_is_an_error_naming_both(tmp_path):
 
 
 def test_unreadable_checkpoint_is_reported_and_the_previous_one_used(two_checkpoints, capsys):
-    newest = two_checkpoints / "ckpt-00000006.pt"
-    newest.unlink()
-    newest.mkdir()  # something that exists but cannot be read as a file
+    shard = two_checkpoints / "ckpt-00000006" / "__0_0.distcp"
+    shard.unlink()
+    shard.mkdir()  # something that exists but cannot be read as a file
     resume_engine(two_checkpoints)
     out = capsys.readouterr().out
-    assert "skipping ckpt-00000006.pt: not a regular file" in out
-    assert "resumed from ckpt-00000003.pt" in out
+    assert "skipping ckpt-00000006: __0_0.distcp is not a regular file" in out
+    assert "resumed from ckpt-00000003" in out
+
+
+def test_a_file_named_like_a_checkpoint_is_skipped_not_read(two_checkpoints, capsys):
+    (two_checkpoints / "ckpt-00000099").write_bytes(b"x" * 100)
+    resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000099: not a checkpoint folder (a file)" in out
+    assert "resumed from ckpt-00000006" in out
+
+
+def test_a_manifest_that_lists_a_path_out_of_the_folder_is_refused(two_checkpoints, tmp_path, capsys):
+    outside = tmp_path / "x"
+    outside.write_bytes(b"secret")
+    manifest = json.loads((two_checkpoints / "ckpt-00000006" / "manifest.json").read_text())
+    manifest["files"]["../../x"] = {"sha256": hashlib.sha256(b"secret").hexdigest(), "bytes": 6}
+    (two_checkpoints / "ckpt-00000006" / "manifest.json").write_text(json.dumps(manifest))
+    resume_engine(two_checkpoints)
+    out = capsys.readouterr().out
+    assert "skipping ckpt-00000006: manifest.json lists '../../x', not a checkpoint file" in out
+    assert "resumed from ckpt-00000003" in out
 
 
 def test_skip_policy_leaves_the_optimizer_state_unchanged():
@@ -435,48 +504,54 @@ def lock_holder(tmp_path):
 
 def test_a_second_run_on_a_locked_folder_refuses_at_once_touching_nothing(lock_holder):
     folder, holder = lock_holder
-    (folder / ".ckpt-00000026.pt.999.tmp").write_bytes(b"the running job's write")
-    (folder / "ckpt-00000024.pt").write_bytes(b"x" * 100)
-    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    (folder / "ckpt-00000026").mkdir()
+    (folder / "ckpt-00000026" / "__0_0.distcp").write_bytes(b"the running job's write")
+    (folder / "ckpt-00000024").mkdir()
+    (folder / "ckpt-00000024" / "manifest.json").write_bytes(b"x" * 100)
+    before = sorted((p.relative_to(folder), p.stat().st_mtime_ns) for p in folder.rglob("*"))
     for kwargs in ({}, {"overwrite": True}, {"resume": True}):
         with pytest.raises(CheckpointError, match=f"in use by another run's Checkpoint \\(pid {holder.pid}\\)"):
             drive(Checkpoint(folder, **kwargs), steps_per_epoch=2)
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+    assert sorted((p.relative_to(folder), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before
     holder.kill()  # kill -9: the kernel drops the lock, no stale lock is left behind
     holder.wait(timeout=30)
     drive(Checkpoint(folder, overwrite=True), steps_per_epoch=2)
-    assert [p.name for p in Checkpoint(folder).checkpoints()] == ["ckpt-00000002.pt"]
+    assert [p.name for p in Checkpoint(folder).checkpoints()] == ["ckpt-00000002"]
 
 
-def failing_save(message: str):
-    def save(*args, **kwargs):
-        raise RuntimeError(message)
+def failing_write(exc: BaseException):
+    """A replacement for the writer's ``write`` of every checkpoint file: it raises ``exc``."""
 
-    return save
+    def write(self, data):
+        raise exc
+
+    return write
 
 
-def test_a_full_disk_is_said_in_plain_words_and_never_reported_as_saved(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cause", ["ENOSPC", "torch-error-on-a-full-disk"])
+def test_a_full_disk_is_said_in_plain_words_and_never_reported_as_saved(tmp_path, monkeypatch, cause):
+    from enginekit.checkpointing import saving
     from enginekit.plugins import CheckpointWriteError
-    from enginekit.plugins import checkpoint as ckpt_module
 
     engine = make_engine([Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=6)
     engine.fit(max_steps=2)
-    size = (tmp_path / "ckpt-00000002.pt").stat().st_size
-    monkeypatch.setattr(
-        ckpt_module.torch, "save", failing_save("[enforce fail at inline_container.cc:672] unexpected pos")
-    )
-    monkeypatch.setattr(ckpt_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, size // 2))
+    size = sum(p.stat().st_size for p in (tmp_path / "ckpt-00000002").iterdir())
+    if cause == "ENOSPC":
+        error = OSError(errno.ENOSPC, "No space left on device")
+    else:  # what the error says matters less than the disk it happened on
+        error = RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")
+        monkeypatch.setattr(saving.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, size // 2))
+    monkeypatch.setattr(_HashingStream, "write", failing_write(error))
     with pytest.raises(CheckpointWriteError) as info:
         engine.fit(max_steps=4)
     message = str(info.value)
-    assert "could not write ckpt-00000004.pt: no space left on device (needs ~" in message
-    assert "inline_container" not in message and "the newest checkpoint on disk is ckpt-00000002.pt" in message
-    assert not list(tmp_path.glob(".ckpt-*.tmp")) and not (tmp_path / "ckpt-00000004.pt").exists()
+    assert "could not write ckpt-00000004: no space left on device (needs ~" in message
+    assert "inline_container" not in message and "the newest checkpoint on disk is ckpt-00000002" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".enginekit.lock", "ckpt-00000002"]  # nothing half-written
 
 
 def test_a_failed_save_on_sigterm_ends_with_the_failure_not_with_saved(tmp_path, monkeypatch):
     from enginekit.plugins import CheckpointWriteError
-    from enginekit.plugins import checkpoint as ckpt_module
 
     class Term:
         @hookimpl
@@ -484,22 +559,22 @@ def test_a_failed_save_on_sigterm_ends_with_the_failure_not_with_saved(tmp_path,
             if engine.state.step == 1:
                 signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(ckpt_module.torch, "save", failing_save("Permission denied"))
-    with pytest.raises(CheckpointWriteError, match="could not write ckpt-00000002.pt: RuntimeError: Permission denied"):
+    monkeypatch.setattr(_HashingStream, "write", failing_write(PermissionError(errno.EACCES, "Permission denied")))
+    with pytest.raises(
+        CheckpointWriteError, match=r"could not write ckpt-00000002: Permission denied \(PermissionError\)"
+    ):
         drive([Term(), Checkpoint(tmp_path)], steps_per_epoch=6)
+    assert not list(tmp_path.glob("ckpt-*"))
 
 
 def test_a_second_signal_during_a_save_abandons_it_and_says_so(tmp_path, monkeypatch):
+    from enginekit.checkpointing.dcp import Abandoned
     from enginekit.plugins import CheckpointWriteError
-    from enginekit.plugins import checkpoint as ckpt_module
 
-    def interrupted(self, data):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt_module._HashingWriter, "write", interrupted)
-    with pytest.raises(CheckpointWriteError, match="could not write ckpt-00000003.pt: interrupted by a second signal"):
+    monkeypatch.setattr(_HashingStream, "write", failing_write(Abandoned("abandoned after a second signal")))
+    with pytest.raises(CheckpointWriteError, match="could not write ckpt-00000003: interrupted by a second signal"):
         drive(Checkpoint(tmp_path), steps_per_epoch=3)
-    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".ckpt-*.tmp"))
+    assert not list(tmp_path.glob("ckpt-*")) and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_non_finite_weights_are_never_checkpointed_and_the_message_is_true(tmp_path):
@@ -515,9 +590,9 @@ def test_non_finite_weights_are_never_checkpointed_and_the_message_is_true(tmp_p
     with pytest.raises(CheckpointWriteError) as info:
         drive([Poison(), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=6)
     message = str(info.value)
-    assert "refusing to write ckpt-00000004.pt: the model's weights hold NaN or inf after step 4" in message
-    assert "the newest checkpoint on disk is ckpt-00000002.pt" in message
-    assert [p.name for p in Checkpoint(tmp_path).checkpoints()] == ["ckpt-00000002.pt"]
+    assert "refusing to write ckpt-00000004: the model's weights hold NaN or inf after step 4" in message
+    assert "the newest checkpoint on disk is ckpt-00000002" in message
+    assert [p.name for p in Checkpoint(tmp_path).checkpoints()] == ["ckpt-00000002"]
 
 
 def resume_with(tmp_path, plugins, **engine_kwargs):
@@ -578,20 +653,39 @@ def test_a_signal_at_any_moment_of_fit_ends_with_143_and_a_checkpoint(tmp_path, 
     with pytest.raises(TrainingInterrupted) as info:
         drive([Term(), Checkpoint(tmp_path, every_epoch=False)], epochs=2, steps_per_epoch=3)
     assert info.value.code == 143 and info.value.step == steps
-    expected = [] if steps == 0 else [f"ckpt-{steps:08d}.pt"]  # the last finished step, saved on the signal
+    expected = [] if steps == 0 else [f"ckpt-{steps:08d}"]  # the last finished step, saved on the signal
     assert [p.name for p in Checkpoint(tmp_path).checkpoints()] == expected
 
 
 def test_a_symlink_to_a_device_is_skipped_with_a_line_not_read(tmp_path, capsys):
     drive(Checkpoint(tmp_path, every_steps=2), steps_per_epoch=4)
-    (tmp_path / "ckpt-00000099.pt").symlink_to("/dev/zero")
-    (tmp_path / "ckpt-00000099.pt.sha256").write_text("0" * 64 + "  ckpt-00000099.pt\n")
+    (tmp_path / "ckpt-00000099").symlink_to("/dev/zero")
     start = time.perf_counter()
     engine = make_engine([Checkpoint(tmp_path, resume=True)], steps_per_epoch=4)
     engine.fit(epochs=2)
     assert time.perf_counter() - start < 30
     out = capsys.readouterr().out
-    assert "skipping ckpt-00000099.pt: not a regular file" in out and "resumed from ckpt-00000004.pt" in out
+    assert "skipping ckpt-00000099: not a folder (a symbolic link" in out and "resumed from ckpt-00000004" in out
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo", "a-good-file"])
+def test_a_symlink_or_fifo_in_place_of_a_listed_file_is_skipped_with_a_line_not_read(two_checkpoints, capsys, target):
+    shard = two_checkpoints / "ckpt-00000006" / "__0_0.distcp"
+    good = shard.read_bytes()
+    shard.unlink()
+    if target == "fifo":
+        os.mkfifo(shard)  # opened for reading, it blocks until a writer comes: forever
+    elif target == "a-good-file":  # the same bytes elsewhere: still not read through a link
+        (two_checkpoints / "elsewhere").write_bytes(good)
+        shard.symlink_to(two_checkpoints / "elsewhere")
+    else:
+        shard.symlink_to("/dev/zero")  # read to its end, it never ends
+    start = time.perf_counter()
+    resume_engine(two_checkpoints)
+    assert time.perf_counter() - start < 30
+    out = capsys.readouterr().out
+    kind = "not a regular file" if target == "fifo" else "a symbolic link"
+    assert f"skipping ckpt-00000006: __0_0.distcp is {kind}" in out and "resumed from ckpt-00000003" in out
 
 
 def test_evaluation_and_sampling_restore_train_mode_after_an_error(tiny_cfg):
@@ -625,13 +719,12 @@ def test_a_cut_short_fits_position_does_not_leak_into_a_resumed_one(tmp_path):
     engine = make_engine([Checkpoint(tmp_path / "b", every_epoch=True)], steps_per_epoch=4, lr=0.05)
     engine.fit(epochs=1)
     (tmp_path / "c").mkdir()
-    for f in (tmp_path / "b").glob("ckpt-00000004.pt*"):
-        shutil.copy(f, tmp_path / "c" / f.name)
+    shutil.copytree(tmp_path / "b" / "ckpt-00000004", tmp_path / "c" / "ckpt-00000004")
     cut = make_engine([Checkpoint(tmp_path / "c", resume=True)], steps_per_epoch=4, lr=0.05)
     cut.fit(epochs=2, max_steps=6)  # stops mid-epoch: a pending position for a later fit in this engine
     cut.plugins["checkpoint"].resume = True  # ...but the next fit resumes from the epoch-end checkpoint
-    for f in (tmp_path / "c").glob("ckpt-0000000[56].pt*"):
-        f.unlink()
+    for name in ("ckpt-00000005", "ckpt-00000006"):
+        shutil.rmtree(tmp_path / "c" / name, ignore_errors=True)
     cut.fit(epochs=2)
     assert all(torch.equal(a, b) for a, b in zip(cut.model.parameters(), reference.model.parameters()))
 
@@ -640,7 +733,8 @@ def test_a_cut_short_fits_position_does_not_leak_into_a_resumed_one(tmp_path):
 
 
 class SlowWrites:
-    """Holds every checkpoint write 0.3 s before its rename and records how many overlap."""
+    """Holds every commit of a checkpoint (its state.pt and manifest) 0.3 s before its rename and
+    records how many overlap."""
 
     def __init__(self) -> None:
         self.running = self.most = 0
@@ -651,7 +745,7 @@ class SlowWrites:
         self.most = max(self.most, self.running)
         time.sleep(0.3)
         self.running -= 1
-        self.finished.append((tmp.name, time.perf_counter()))
+        self.finished.append((f"{tmp.parent.name}/{tmp.name}", time.perf_counter()))
 
 
 def test_a_background_write_lets_training_go_on_and_the_end_of_fit_waits_for_it(tmp_path, monkeypatch):
@@ -667,31 +761,32 @@ def test_a_background_write_lets_training_go_on_and_the_end_of_fit_waits_for_it(
             steps_done.append((engine.state.step, time.perf_counter()))
 
     drive([Clock(), Checkpoint(tmp_path, every_steps=2, every_epoch=False)], steps_per_epoch=6)
-    first_ckpt_done = next(t for name, t in slow.finished if name.startswith(".ckpt-00000002.pt."))
+    first_ckpt_done = next(t for name, t in slow.finished if name.startswith("ckpt-00000002/.manifest.json."))
     assert any(
         step == 2 and t < first_ckpt_done for step, t in steps_done
     )  # step 2 ran while step 2's ckpt was written
     assert slow.most == 1  # never two writes at once: the next save waited
     names = [p.name for p in Checkpoint(tmp_path).checkpoints()]
-    assert names == ["ckpt-00000006.pt", "ckpt-00000004.pt", "ckpt-00000002.pt"]  # all on disk when fit returned
+    assert names == ["ckpt-00000006", "ckpt-00000004", "ckpt-00000002"]  # all on disk when fit returned
     assert all(Checkpoint(tmp_path).verify(p) is None for p in Checkpoint(tmp_path).checkpoints())
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_background_and_synchronous_checkpoints_hold_the_same_state(tmp_path, device):
-    # saves after steps 4 and 8 are written in the background (the second into the first's
-    # reused buffers; on CUDA pinned, copied without blocking); the last one, after step 12, in
-    # the foreground
+    # saves after steps 4 and 8 are written in the background (the second from the first's
+    # reused host buffers); the last one, after step 12, in the foreground
     for mode in (True, False):
         torch.manual_seed(0)
         checkpoint = Checkpoint(tmp_path / str(mode), async_write=mode, keep_last=5)
         drive([LossTracker(eval_freq=2), checkpoint], epochs=3, steps_per_epoch=4, device=device)
-    for name in ("ckpt-00000004.pt", "ckpt-00000008.pt", "ckpt-00000012.pt"):
-        a = Checkpoint(tmp_path / "True").load(tmp_path / "True" / name)
-        b = Checkpoint(tmp_path / "False").load(tmp_path / "False" / name)
+    for name in ("ckpt-00000004", "ckpt-00000008", "ckpt-00000012"):
+        a = read_checkpoint(tmp_path / "True" / name)
+        b = read_checkpoint(tmp_path / "False" / name)
         assert a["plugins"] == b["plugins"] and a["settings"] == b["settings"]
-        assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
-        assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+        assert b["model"] and all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+        assert a["optimizer"].keys() == b["optimizer"].keys()
+        assert all(torch.equal(a["optimizer"][k], v) for k, v in b["optimizer"].items())
+        assert a["param_groups"] == b["param_groups"]
         assert a["engine"]["step"] == b["engine"]["step"] and torch.equal(
             a["engine"]["rng"][0]["torch"], b["engine"]["rng"][0]["torch"]
         )
@@ -708,8 +803,8 @@ def test_a_resume_from_a_background_checkpoint_continues_bit_exactly(tmp_path, d
 
     reference, _ = run(tmp_path / "a", resume=False)
     (tmp_path / "b").mkdir()
-    for f in (tmp_path / "a").glob("ckpt-00000006.pt*"):  # mid-epoch 1, written in the background
-        shutil.copy(f, tmp_path / "b" / f.name)
+    # mid-epoch 1, written in the background
+    shutil.copytree(tmp_path / "a" / "ckpt-00000006", tmp_path / "b" / "ckpt-00000006")
     resumed, steps_run = run(tmp_path / "b", resume=True)
     assert steps_run == list(range(6, 12))  # only the steps after the checkpoint ran
     assert resumed.plugins["loss_tracker"].state_dict() == reference.plugins["loss_tracker"].state_dict()
@@ -718,50 +813,40 @@ def test_a_resume_from_a_background_checkpoint_continues_bit_exactly(tmp_path, d
 
 
 def test_background_saves_copy_into_the_same_host_buffers_and_the_last_save_needs_no_copy(tmp_path, monkeypatch):
-    from enginekit.plugins import checkpoint as ckpt_module
+    from enginekit.checkpointing import saving
+    from enginekit.checkpointing.dcp import HostCopy
 
-    started = []
+    started, copies = [], []
 
     class CountingThread(threading.Thread):
         def start(self) -> None:
             started.append(self.name)
             super().start()
 
-    monkeypatch.setattr(ckpt_module.threading, "Thread", CountingThread)
+    real_copy = HostCopy.copy
+    monkeypatch.setattr(saving.threading, "Thread", CountingThread)
+    monkeypatch.setattr(HostCopy, "copy", lambda self, obj: copies.append(1) or real_copy(self, obj))
     checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False, keep_last=5)
     buffers = []
 
     class Watch:
         @hookimpl
         def after_step(self, engine, loss):
-            buffers.append([b.data_ptr() for b in checkpoint._host_copy._buffers])
+            buffers.append([b.data_ptr() for b in checkpoint._host._buffers])
 
     drive([Watch(), checkpoint], steps_per_epoch=6)
     # steps 0..5: saves after steps 2 and 4 in the background, after step 6 (the last) in the foreground
-    # the host buffers are allocated ahead, after the first step, in a thread of their own
-    assert started == ["enginekit-host-buffers", "enginekit-ckpt-00000002.pt", "enginekit-ckpt-00000004.pt"]
+    ours = [name for name in started if name.startswith("enginekit-")]  # DCP's own executor starts threads too
+    assert ours == ["enginekit-ckpt-00000002", "enginekit-ckpt-00000004"] and len(copies) == 2
     assert buffers[2] and buffers[4] == buffers[2]  # the second copy went into the first one's buffers
-    assert checkpoint._host_copy._buffers == []  # freed at the end of fit
-    assert [p.name for p in checkpoint.checkpoints()] == ["ckpt-00000006.pt", "ckpt-00000004.pt", "ckpt-00000002.pt"]
-
-
-def test_checkpoints_carry_no_crc32_and_leave_torchs_own_setting_alone(tmp_path):
-    import zipfile
-
-    drive([Checkpoint(tmp_path, every_steps=1, every_epoch=False)], steps_per_epoch=3)
-    path = tmp_path / "ckpt-00000002.pt"
-    with zipfile.ZipFile(path) as archive:
-        records = [info for info in archive.infolist() if "/data/" in info.filename]
-    assert records and all(info.CRC == 0 for info in records)  # the sha256 guards the file instead
-    assert Checkpoint(tmp_path).verify(path) is None
-    assert torch.serialization.get_crc32_options() is True  # the user's own torch.save still writes them
+    assert checkpoint._host._buffers == []  # freed at the end of fit
+    assert [p.name for p in checkpoint.checkpoints()] == ["ckpt-00000006", "ckpt-00000004", "ckpt-00000002"]
 
 
 def test_a_failed_background_write_surfaces_at_the_next_step(tmp_path, monkeypatch):
     from enginekit.plugins import CheckpointWriteError
-    from enginekit.plugins import checkpoint as ckpt_module
 
-    monkeypatch.setattr(ckpt_module.torch, "save", failing_save("Read-only file system"))
+    monkeypatch.setattr(_HashingStream, "write", failing_write(OSError(errno.EROFS, "Read-only file system")))
     seen = []
 
     class Steps:
@@ -770,115 +855,46 @@ def test_a_failed_background_write_surfaces_at_the_next_step(tmp_path, monkeypat
             seen.append(engine.state.step)
             time.sleep(0.05)  # leave the background write time to fail
 
-    with pytest.raises(CheckpointWriteError, match="could not write ckpt-00000002.pt: RuntimeError: Read-only"):
+    with pytest.raises(CheckpointWriteError, match=r"could not write ckpt-00000002: Read-only file system \(OSError\)"):
         drive([Steps(), Checkpoint(tmp_path, every_steps=2, every_epoch=False)], steps_per_epoch=10)
-    assert seen[-1] <= 3  # at the step after the failed write, not at the end of the run
-
-
-def _priorities_seen_by_writes(tmp_path, monkeypatch) -> tuple[list[tuple[int, int]], tuple[int, int]]:
-    """(scheduling policy, nice) of the thread at each file replace of a 4-step run saving every
-    2 steps, and the main thread's before it."""
-    from enginekit import files
-
-    if not sys.platform.startswith("linux"):
-        pytest.skip("per-thread scheduling is a Linux feature")
-
-    def now():
-        return os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    seen = []
-    monkeypatch.setattr(files, "before_replace", lambda tmp: seen.append(now()))
-    main_before = now()
-    drive([Checkpoint(tmp_path, every_steps=2, every_epoch=False)], steps_per_epoch=4)
-    assert now() == main_before
-    return seen, main_before
-
-
-def _needs_idle_scheduling() -> None:
-    """Skip where this process may not put a thread at SCHED_IDLE (some containers refuse it)."""
-    allowed = []
-
-    def probe():
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            allowed.append(True)
-        except (OSError, AttributeError):
-            pass
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    thread.join()
-    if not allowed:
-        pytest.skip("SCHED_IDLE is refused here")
-
-
-def test_background_writes_run_at_idle_priority_and_training_keeps_its_own(tmp_path, monkeypatch):
-    _needs_idle_scheduling()
-    seen, main = _priorities_seen_by_writes(tmp_path, monkeypatch)
-    # two writes of ckpt-2 (the file, then its hash) in the background, two of ckpt-4 in the foreground
-    assert [policy for policy, _ in seen] == [os.SCHED_IDLE, os.SCHED_IDLE, main[0], main[0]]
-
-
-def test_where_idle_scheduling_is_refused_the_writer_runs_at_nice_19(tmp_path, monkeypatch):
-    def refuse(*args):
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    seen, main = _priorities_seen_by_writes(tmp_path, monkeypatch)
-    assert seen == [(main[0], 19), (main[0], 19), main, main]
-
-
-def _host_buffers_made(tmp_path, monkeypatch, **checkpoint_kwargs) -> list[tuple[str, int, torch.dtype]]:
-    """(thread name, scheduling policy, dtype) of each host buffer a 6-step run with 3 weights allocates."""
-    from enginekit.plugins import checkpoint as ckpt_module
-
-    made = []
-    real = ckpt_module._host_buffer
-
-    def host_buffer(shape, dtype):
-        made.append((threading.current_thread().name, os.sched_getscheduler(0), dtype))
-        return real(shape, dtype)
-
-    monkeypatch.setattr(ckpt_module, "_host_buffer", host_buffer)
-    checkpoint = Checkpoint(tmp_path, **checkpoint_kwargs)
-    drive([checkpoint], steps_per_epoch=6, param_groups=3)
-    assert checkpoint.verify(tmp_path / "ckpt-00000006.pt") is None
-    return made
-
-
-def test_the_weights_host_buffers_are_allocated_ahead_at_idle_priority(tmp_path, monkeypatch):
-    _needs_idle_scheduling()
-    made = _host_buffers_made(tmp_path, monkeypatch, every_steps=2, every_epoch=False)
-    ahead = ("enginekit-host-buffers", os.SCHED_IDLE, torch.float32)
-    # the 3 weights' buffers before the first save; that save adds only the engine's own tensors
-    # (RNG states, counters: no float weights), and the second save (step 4) reuses them all;
-    # step 6 is written without a copy
-    assert made[:3] == [ahead] * 3
-    assert made[3:] and all(name == "MainThread" and dtype != torch.float32 for name, _, dtype in made[3:])
+    assert seen[-1] <= 4  # at the next save point, not at the end of the run
+    assert not list(tmp_path.glob("ckpt-*"))
 
 
 @pytest.mark.parametrize(
     "kwargs", [{"every_steps": 2, "async_write": False}, {"every_epoch": True}], ids=["synchronous", "last-save-only"]
 )
-def test_no_host_buffers_are_allocated_where_no_background_save_lies_ahead(tmp_path, monkeypatch, kwargs):
-    assert _host_buffers_made(tmp_path, monkeypatch, **kwargs) == []
+def test_no_host_buffers_are_allocated_where_no_background_save_lies_ahead(tmp_path, kwargs):
+    checkpoint = Checkpoint(tmp_path, **kwargs)
+    held = []
+
+    class Watch:
+        @hookimpl
+        def after_step(self, engine, loss):
+            held.append(len(checkpoint._host._buffers))
+
+    drive([Watch(), checkpoint], steps_per_epoch=6, param_groups=3)
+    assert held == [0] * 6 and checkpoint.verify(tmp_path / "ckpt-00000006") is None
 
 
 def test_a_wait_cut_short_by_a_second_signal_still_leaves_the_write_to_be_waited_for(tmp_path):
     checkpoint = Checkpoint(tmp_path)
     joins = []
 
-    class Writer:  # a background write whose first join a second Ctrl-C interrupts
-        def join(self):
+    class Save:  # a background write whose first join a second Ctrl-C interrupts
+        path = tmp_path / "ckpt-00000001"
+
+        def wait(self):
             joins.append(1)
             if len(joins) == 1:
                 raise KeyboardInterrupt
+            return None
 
-    checkpoint._writer = Writer()
+    checkpoint._save = Save()
     with pytest.raises(KeyboardInterrupt):
         checkpoint.wait()
     checkpoint.wait()  # as on_exception does next: the write in flight is joined again
-    assert len(joins) == 2 and checkpoint._writer is None
+    assert len(joins) == 2 and checkpoint._save is None
 
 
 def test_the_non_finite_weight_check_is_not_fooled_by_a_sum_that_overflows():
@@ -896,303 +912,59 @@ def test_the_non_finite_weight_check_is_not_fooled_by_a_sum_that_overflows():
     assert _first_nonfinite(model) == "0.weight"
 
 
-def test_a_checkpoint_goes_to_disk_slice_by_slice_and_still_verifies(tmp_path, monkeypatch):
-    from enginekit.plugins import checkpoint as ckpt_module
-
-    synced = []
-    monkeypatch.setattr(ckpt_module, "_set_direct", lambda fd, on: False)  # a filesystem without O_DIRECT
-    monkeypatch.setattr(ckpt_module._HashingWriter, "SLICE", 512)
-    monkeypatch.setattr(
-        ckpt_module, "_fdatasync", lambda fd: synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name[:18])
-    )
-    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
-    drive([checkpoint], steps_per_epoch=4)
-    path = tmp_path / "ckpt-00000004.pt"
-    # both checkpoints (22 KB each), the background one and the last (foreground) one, slice after
-    # slice before their final fsync
-    assert synced.count(".ckpt-00000002.pt.") >= 2 and synced.count(".ckpt-00000004.pt.") >= 2
-    assert checkpoint.verify(path) is None and checkpoint.verify(tmp_path / "ckpt-00000002.pt") is None
-    assert checkpoint.load(path)["engine"]["step"] == 4
-
-
-@pytest.fixture
-def direct_writes(tmp_path, monkeypatch):
-    """Where tmp_path takes O_DIRECT: 8 KB blocks (a 22 KB checkpoint spans several), and a
-    function that puts a fake in place of the writer's direct ``os.write``."""
-    from enginekit.plugins import checkpoint as ckpt_module
-
-    with open(tmp_path / "probe", "wb") as f:
-        if not ckpt_module._set_direct(f.fileno(), True):
-            pytest.skip("this filesystem has no O_DIRECT")
-    monkeypatch.setattr(ckpt_module._HashingWriter, "BLOCK", 8192)
-    return lambda write: monkeypatch.setattr(ckpt_module, "_os_write", write)
-
-
-def test_a_checkpoint_written_past_the_page_cache_is_cut_to_its_length_and_verifies(tmp_path, direct_writes):
-    blocks: list[int] = []
-
-    def write(fd, data):
-        blocks.append(len(data))
-        return os.write(fd, data)
-
-    direct_writes(write)
-    checkpoint = Checkpoint(tmp_path / "ckpts", every_steps=2, every_epoch=False)
-    drive([checkpoint], steps_per_epoch=4)
-    for name in ("ckpt-00000002.pt", "ckpt-00000004.pt"):  # one background write, one foreground
-        path = tmp_path / "ckpts" / name
-        assert checkpoint.verify(path) is None
-        assert path.stat().st_size % 4096 != 0  # the padding of the last block was cut off
-        assert checkpoint.load(path)["engine"]["step"] == int(name[5:13])
-    assert blocks and all(n % 4096 == 0 for n in blocks)  # only whole aligned blocks reached the file
-    assert blocks.count(8192) >= 4
-
-
-@pytest.mark.parametrize("tail_only", [False, True], ids=["refused-at-once", "refused-at-the-padded-tail"])
-def test_a_device_that_refuses_a_direct_write_gets_the_rest_through_the_page_cache(
-    tmp_path, monkeypatch, direct_writes, tail_only
-):
-    import errno
-
-    from enginekit.plugins import checkpoint as ckpt_module
-
-    refused = []
-    real_finish = ckpt_module._HashingWriter.finish
-    finishing = [False]
-
-    def finish(self):
-        finishing[0] = True
-        try:
-            real_finish(self)
-        finally:
-            finishing[0] = False
-
-    def write(fd, data):
-        import fcntl
-
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and (finishing[0] or not tail_only):
-            refused.append(len(data))
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return os.write(fd, data)
-
-    monkeypatch.setattr(ckpt_module._HashingWriter, "finish", finish)
-    direct_writes(write)
-    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
-    drive([checkpoint], steps_per_epoch=4)
-    assert len(refused) == 2  # each save tried once, then wrote the rest through the page cache
-    assert all(checkpoint.verify(p) is None for p in checkpoint.checkpoints())
-    assert checkpoint.load(tmp_path / "ckpt-00000004.pt")["engine"]["step"] == 4
-
-
-def test_a_short_direct_write_is_finished_through_the_page_cache(tmp_path, direct_writes):
-    calls = []
-
-    def write(fd, data):
-        calls.append(len(data))
-        return os.write(fd, data[: len(data) // 2 if len(calls) == 2 else len(data)])  # the 2nd block: half
-
-    direct_writes(write)
-    checkpoint = Checkpoint(tmp_path, every_steps=4, every_epoch=False, async_write=False)
-    drive([checkpoint], steps_per_epoch=4)
-    assert calls[:2] == [8192, 8192] and len(calls) == 2  # then buffered: no more direct writes
-    path = tmp_path / "ckpt-00000004.pt"
-    assert checkpoint.verify(path) is None and checkpoint.load(path)["engine"]["step"] == 4
-
-
-class Table:
-    """A plugin whose state is one 80 KB tensor, counting the steps: a record big enough to be
-    written from its own memory once ``FROM_SOURCE_MIN`` is 16 KB."""
-
-    def __init__(self) -> None:
-        self.table = torch.zeros(20_000)
-
-    @hookimpl
-    def after_step(self, engine, loss):
-        self.table += 1
-
-    def state_dict(self):
-        return {"table": self.table}
-
-    def load_state_dict(self, state):
-        self.table = state["table"].clone()
-
-
-def _from_source(data) -> bool:
-    """A write that comes from the record's own memory, not from the writer's mmap block."""
-    import mmap
-
-    return not isinstance(memoryview(data).obj, mmap.mmap)
-
-
-@pytest.fixture
-def big_records(monkeypatch, direct_writes):
-    from enginekit.plugins import checkpoint as ckpt_module
-
-    monkeypatch.setattr(ckpt_module._HashingWriter, "FROM_SOURCE_MIN", 16384)
-    return direct_writes
-
-
-def _table_at(checkpoint, path):
-    assert checkpoint.verify(path) is None
-    return checkpoint.load(path)["plugins"]["table"]["table"]
-
-
-def test_a_background_save_writes_big_records_from_the_host_copy_itself(tmp_path, big_records):
-    import fcntl
-
-    writes: list[tuple[int, bool, bool]] = []
-
-    def write(fd, data):
-        done = os.write(fd, data)  # an attempt the device refuses raises here and is not counted
-        if ".ckpt-00000002.pt." in os.readlink(f"/proc/self/fd/{fd}"):
-            writes.append((done, _from_source(data), bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
-        return done
-
-    big_records(write)
-    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False, async_write=True)
-    drive([checkpoint, Table()], steps_per_epoch=4)
-    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000002.pt"), torch.full((20_000,), 2.0))
-    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000004.pt"), torch.full((20_000,), 4.0))
-    # the background save: the table's aligned bulk went out whole from the host copy, past the page cache
-    assert (20_000 * 4 // 4096 * 4096, True, True) in writes
-    assert all(n % 4096 == 0 and direct for n, _, direct in writes)
-
-
-def test_memory_the_device_refuses_goes_through_the_block_and_writes_stay_direct(tmp_path, big_records):
-    import errno
-    import fcntl
-
-    refused, blocks_after = [], []
-
-    def write(fd, data):
-        if _from_source(data):
-            refused.append(len(data))
-            raise OSError(errno.EINVAL, "Invalid argument")  # as for memory not aligned as the device wants
-        if refused:
-            blocks_after.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
-        return os.write(fd, data)
-
-    big_records(write)
-    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
-    drive([checkpoint, Table()], steps_per_epoch=4)
-    assert refused and blocks_after and all(blocks_after)
-    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000002.pt"), torch.full((20_000,), 2.0))
-    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000004.pt"), torch.full((20_000,), 4.0))
-
-
-def test_a_short_write_from_a_record_is_finished_through_the_page_cache(tmp_path, big_records):
-    calls = []  # of the background save at step 4
-
-    def write(fd, data):
-        if ".ckpt-00000004.pt." not in os.readlink(f"/proc/self/fd/{fd}"):
-            return os.write(fd, data)
-        calls.append(_from_source(data))
-        # the first write from a record's memory stops after 16 KB, as a nearly full disk might
-        return os.write(fd, data[:16384] if calls[-1] and calls.count(True) == 1 else data)
-
-    big_records(write)
-    checkpoint = Checkpoint(tmp_path, every_steps=4, every_epoch=False)
-    drive([checkpoint, Table()], steps_per_epoch=4, epochs=2)
-    assert calls.count(True) == 1 and calls[-1] is True  # then no direct write at all
-    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000004.pt"), torch.full((20_000,), 4.0))
-
-
-def test_a_big_records_hash_runs_beside_its_write_at_the_writers_priority_and_in_file_order(tmp_path, monkeypatch):
-    import hashlib
-
-    from enginekit.plugins import checkpoint as ckpt_module
-
-    updates = []  # (thread, scheduling policy, bytes) of each sha256 update of a checkpoint file
-    real_sha256 = hashlib.sha256
-
-    class SlowSha:
-        """sha256 whose big updates take long: a writer that did not wait for them would hash
-        the next bytes first, and the file would not verify."""
-
-        def __init__(self):
-            self._sha = real_sha256()
-
-        def update(self, data):
-            updates.append((threading.current_thread().name, os.sched_getscheduler(0), len(data)))
-            if len(data) >= 16384:
-                time.sleep(0.05)
-            self._sha.update(data)
-
-        def hexdigest(self):
-            return self._sha.hexdigest()
-
-    _needs_idle_scheduling()
-    monkeypatch.setattr(ckpt_module.hashlib, "sha256", SlowSha)
-    monkeypatch.setattr(ckpt_module._HashingWriter, "HASH_BESIDE_MIN", 16384)
-    checkpoint = Checkpoint(tmp_path, every_steps=2, every_epoch=False)
-    drive([checkpoint, Table()], steps_per_epoch=4)
-    monkeypatch.undo()  # verify with the real sha256
-    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000002.pt"), torch.full((20_000,), 2.0))
-    assert torch.equal(_table_at(checkpoint, tmp_path / "ckpt-00000004.pt"), torch.full((20_000,), 4.0))
-    beside = [(policy, n) for name, policy, n in updates if name.startswith("enginekit-sha256")]
-    # the table, once per save: the background one's hash at idle priority, the last save's at the main thread's
-    assert beside == [(os.SCHED_IDLE, 80_000), (os.sched_getscheduler(0), 80_000)]
-    assert all(n < 16384 for name, _, n in updates if not name.startswith("enginekit-sha256"))
-
-
-def test_a_full_disk_under_direct_writes_is_said_in_plain_words(tmp_path, direct_writes):
-    import errno
-
-    from enginekit.plugins import CheckpointWriteError
-
-    def full(fd, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    direct_writes(full)
-    with pytest.raises(CheckpointWriteError, match=r"could not write ckpt-00000004.pt: no space left on device"):
-        drive([Checkpoint(tmp_path, every_steps=4, every_epoch=False)], steps_per_epoch=4)
-    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".ckpt-*.tmp"))
-
-
 # ---------------------------------------------------------------- trust no file name, lock path or side file (issue 29)
 
 
 def test_a_renamed_checkpoint_is_taken_for_the_step_it_holds_not_its_name(two_checkpoints, capsys):
-    # an older checkpoint (and its hash) under a newer name: resuming from it would drop steps 3-6
-    for suffix in ("", ".sha256"):
-        shutil.copy(two_checkpoints / f"ckpt-00000003.pt{suffix}", two_checkpoints / f"ckpt-00000099.pt{suffix}")
+    # an older checkpoint (and its manifest) under a newer name: resuming from it would drop steps 3-6
+    shutil.copytree(two_checkpoints / "ckpt-00000003", two_checkpoints / "ckpt-00000099")
     engine = resume_engine(two_checkpoints)
     out = capsys.readouterr().out
-    assert "skipping ckpt-00000099.pt: it holds step 3, not step 99 as its name says" in out
-    assert "resumed from ckpt-00000006.pt (step 6" in out and engine.state.step == 7
+    assert "skipping ckpt-00000099: it holds step 3, not step 99 as its name says" in out
+    assert "resumed from ckpt-00000006 (step 6" in out and engine.state.step == 7
     # set aside, so pruning keeps exactly keep_last and the next resume does not go back to it
     assert [p.name for p in Checkpoint(two_checkpoints).checkpoints()] == [
-        "ckpt-00000007.pt",
-        "ckpt-00000006.pt",
-        "ckpt-00000003.pt",
+        "ckpt-00000007",
+        "ckpt-00000006",
+        "ckpt-00000003",
     ]
+    assert (two_checkpoints / "ckpt-00000099.corrupt").is_dir()
 
 
-def test_a_symlinked_candidate_or_hash_is_never_followed(two_checkpoints, capsys):
-    (two_checkpoints / "ckpt-00000099.pt").symlink_to(two_checkpoints / "ckpt-00000003.pt")
-    (two_checkpoints / "ckpt-00000099.pt.sha256").symlink_to(two_checkpoints / "ckpt-00000003.pt.sha256")
+def test_a_symlinked_candidate_or_manifest_is_never_followed(two_checkpoints, capsys):
+    (two_checkpoints / "ckpt-00000099").symlink_to(two_checkpoints / "ckpt-00000003")
+    fake = two_checkpoints / "ckpt-00000098"  # a real folder whose files are all links to a good checkpoint's
+    fake.mkdir()
+    for f in (two_checkpoints / "ckpt-00000003").iterdir():
+        (fake / f.name).symlink_to(f)
     engine = resume_engine(two_checkpoints)
     out = capsys.readouterr().out
-    assert "skipping ckpt-00000099.pt: not a regular file (a symbolic link" in out
-    assert "resumed from ckpt-00000006.pt (step 6" in out and engine.state.step == 7
+    assert "skipping ckpt-00000099: not a folder (a symbolic link: only real folders are candidates)" in out
+    assert "skipping ckpt-00000098: manifest.json unreadable (manifest.json is a symbolic link" in out
+    assert "resumed from ckpt-00000006 (step 6" in out and engine.state.step == 7
 
 
 _RESUME_IN_A_CHILD = """
 import resource, sys
-resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a hash file read without end fails, not the machine
-from enginekit.plugins import Checkpoint
-path, _ = Checkpoint(sys.argv[1]).load_latest()
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a manifest read without end fails, not the machine
+from enginekit.checkpointing import Folder
+from enginekit.checkpointing.loading import open_checkpoint
+folder = Folder(Path(sys.argv[1]))
+path, _ = folder.candidates(print)[0]
+open_checkpoint(folder, path)
 print("chose", path.name)
 """
 
 
 @pytest.mark.parametrize("odd", ["fifo", "dev-zero"])
-def test_an_odd_hash_file_beside_a_good_checkpoint_is_skipped_not_read(two_checkpoints, odd):
-    sha = two_checkpoints / "ckpt-00000006.pt.sha256"
-    sha.unlink()
+def test_an_odd_manifest_in_a_good_checkpoint_is_skipped_not_read(two_checkpoints, odd):
+    manifest = two_checkpoints / "ckpt-00000006" / "manifest.json"
+    manifest.unlink()
     if odd == "fifo":
-        os.mkfifo(sha)  # opened for reading, it blocks until a writer comes: forever
+        os.mkfifo(manifest)  # opened for reading, it blocks until a writer comes: forever
     else:
-        sha.symlink_to("/dev/zero")  # read to its end, it grows memory without end
+        manifest.symlink_to("/dev/zero")  # read to its end, it grows memory without end
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         proc = subprocess.run(
@@ -1203,10 +975,11 @@ def test_an_odd_hash_file_beside_a_good_checkpoint_is_skipped_not_read(two_check
             env=env,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail("choosing a checkpoint hung on the odd .sha256 file (no answer in 120 s)")
+        pytest.fail("choosing a checkpoint hung on the odd manifest.json (no answer in 120 s)")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "skipping ckpt-00000006.pt: its .sha256 file is not a regular file" in proc.stdout
-    assert "chose ckpt-00000003.pt" in proc.stdout
+    kind = "is not a regular file" if odd == "fifo" else "is a symbolic link"
+    assert f"skipping ckpt-00000006: manifest.json unreadable (manifest.json {kind}" in proc.stdout
+    assert "chose ckpt-00000003" in proc.stdout
 
 
 def test_deleting_the_lock_files_does_not_let_a_second_run_clobber_a_live_one(two_checkpoints):
@@ -1252,15 +1025,14 @@ def test_two_quick_sigterms_inside_a_step_end_as_sigterm_naming_the_newest_check
     assert isinstance(info.value, KeyboardInterrupt)  # code that catches Ctrl-C still catches it
     assert info.value.exit_code == 143 and "second SIGTERM" in str(info.value) and "Ctrl-C" not in str(info.value)
     out = capsys.readouterr().out
-    assert "Checkpoint: stopped by a second SIGTERM; the newest checkpoint on disk is ckpt-00000002.pt" in out
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert "Checkpoint: stopped by a second SIGTERM; the newest checkpoint on disk is ckpt-00000002" in out
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_a_second_sigterm_during_a_save_abandons_it_says_so_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
     from enginekit import TrainingAborted
-    from enginekit.plugins import checkpoint as ckpt_module
 
-    real_write = ckpt_module._HashingWriter.write
+    real_write = _HashingStream.write
     sent = []
 
     def write(self, data):
@@ -1273,7 +1045,7 @@ def test_a_second_sigterm_during_a_save_abandons_it_says_so_and_leaves_no_tempor
         @hookimpl
         def after_backward(self, engine):
             if engine.state.step == 3:
-                monkeypatch.setattr(ckpt_module._HashingWriter, "write", write)
+                monkeypatch.setattr(_HashingStream, "write", write)
                 signal.raise_signal(signal.SIGTERM)
 
     with pytest.raises(TrainingAborted) as info:
@@ -1281,34 +1053,33 @@ def test_a_second_sigterm_during_a_save_abandons_it_says_so_and_leaves_no_tempor
     assert info.value.exit_code == 143
     out = capsys.readouterr().out
     assert (
-        "Checkpoint: stopped by a second SIGTERM; abandoned the save of ckpt-00000004.pt; "
-        "the newest checkpoint on disk is ckpt-00000002.pt" in out
+        "Checkpoint: stopped by a second SIGTERM; abandoned the save of ckpt-00000004; "
+        "the newest checkpoint on disk is ckpt-00000002" in out
     )
-    assert [p.name for p in Checkpoint(tmp_path).checkpoints()] == ["ckpt-00000002.pt"]
-    assert not list(tmp_path.glob(".*.tmp"))
-
-
-def test_a_second_sigterm_abandons_a_background_save_and_removes_its_temporary_file(tmp_path, monkeypatch, capsys):
-    from enginekit import TrainingAborted
-    from enginekit.plugins import checkpoint as ckpt_module
-
-    real_write = ckpt_module._HashingWriter.write
-
-    def write(self, data):
-        if threading.current_thread().name.startswith("enginekit-ckpt"):
-            self.abandon.wait(timeout=30)  # held until the signals come: a write in flight
-        return real_write(self, data)
-
-    monkeypatch.setattr(ckpt_module._HashingWriter, "write", write)
-    with pytest.raises(TrainingAborted):
-        drive([_two_sigterms_in("after_backward", 3), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=6)
-    out = capsys.readouterr().out
-    assert "Checkpoint: stopped by a second SIGTERM; abandoned the save of ckpt-00000002.pt" in out
-    assert "no checkpoint is on disk yet" in out
-    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob("ckpt-*"))
+    assert [p.name for p in Checkpoint(tmp_path).checkpoints()] == ["ckpt-00000002"]
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 # ---------------------------------------------------------------- resume at an epoch boundary, the last step, finished
+
+
+def test_a_second_sigterm_abandons_a_background_save_and_removes_its_unfinished_folder(tmp_path, monkeypatch, capsys):
+    from enginekit import TrainingAborted
+
+    real_write = _HashingStream.write
+
+    def write(self, data):
+        if threading.current_thread() is not threading.main_thread():
+            self.abandon.wait(timeout=30)  # held until the signals come: a write in flight
+        return real_write(self, data)
+
+    monkeypatch.setattr(_HashingStream, "write", write)
+    with pytest.raises(TrainingAborted):
+        drive([_two_sigterms_in("after_backward", 3), Checkpoint(tmp_path, every_steps=2)], steps_per_epoch=6)
+    out = capsys.readouterr().out
+    assert "Checkpoint: stopped by a second SIGTERM; abandoned the save of ckpt-00000002" in out
+    assert "no checkpoint is on disk yet" in out
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.glob("ckpt-*"))
 
 
 def _trained(folder: Path, resume: bool = False, **fit_kwargs):
@@ -1340,7 +1111,7 @@ def test_resuming_a_finished_run_says_it_is_finished_and_trains_nothing(tmp_path
     again = _trained(tmp_path, resume=True, epochs=2)
     out = capsys.readouterr().out
     assert (
-        "Checkpoint: ckpt-00000012.pt is the end of this run's plan (step 12 of 12): the run is already finished, "
+        "Checkpoint: ckpt-00000012 is the end of this run's plan (step 12 of 12): the run is already finished, "
         "nothing left to train" in out
     )
     checkpoint = next(p for p in again[0].plugins.values() if isinstance(p, Checkpoint))

@@ -268,7 +268,7 @@ def test_under_torchrun_each_ranks_position_is_saved_and_restored_nothing_repeat
         [*cmd, str(prepared), str(out), "--term-at", "11"], capture_output=True, text=True, timeout=300
     )
     assert cut.returncode != 0 and not (out / "result.pt").exists()
-    engine_state = torch.load(out / "checkpoints" / "ckpt-00000012.pt", weights_only=True)["engine"]
+    engine_state = torch.load(out / "checkpoints" / "ckpt-00000012" / "state.pt", weights_only=True)["engine"]
     assert [s["rank"] for s in engine_state["loader"]] == [0, 1]  # each rank's own position
     assert [s["position"] for s in engine_state["loader"]] == [4, 4]  # 8 steps per epoch: mid second epoch
     done = subprocess.run([*cmd, str(prepared), str(out), "--resume"], capture_output=True, text=True, timeout=300)

@@ -11,6 +11,8 @@ from enginekit.plugins import Checkpoint, EarlyStopping, LossTracker
 from enginekit.plugins.early_stopping import improved
 from enginekit.testing import drive, make_engine
 
+from checkpoint_helpers import read_checkpoint
+
 
 def val_losses(*values: float) -> dict[int, dict[str, float]]:
     """Evaluation results at steps 0, 1, 2, ... (one evaluation per step)."""
@@ -70,7 +72,7 @@ def test_judges_within_the_step_before_its_checkpoint(tmp_path):
     )
     hooks = [(c.hook, c.step) for c in run.calls if c.hook == "after_evaluate" or c.kwargs.get("reason") == "step"]
     assert hooks == [("after_evaluate", 0), ("on_save_point", 1), ("after_evaluate", 1), ("on_save_point", 2)]
-    saved = Checkpoint(tmp_path).load(tmp_path / "ckpt-00000002.pt")
+    saved = read_checkpoint(tmp_path / "ckpt-00000002")
     assert saved["plugins"]["early_stopping"]["stopped_step"] == 1 and saved["engine"]["should_stop"] is True
 
 

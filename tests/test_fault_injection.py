@@ -1,6 +1,6 @@
 """Randomized fault injection: kill -9 the example at random moments, resume, compare with an
-uninterrupted run; then the same with hostile files (renamed and symlinked candidates, odd side
-files, deleted locks) and double SIGTERMs. Seeded (the same moments every run).
+uninterrupted run; then the same with hostile files (renamed and symlinked candidates, odd
+manifests, a file for a folder, deleted locks) and double SIGTERMs. Seeded (the same moments every run).
 
 Time budgets come from the reference run measured on the same machine, so a loaded machine makes
 the test slower, not red; a run that still overstays its budget is reported as a time-out."""
@@ -95,7 +95,9 @@ def test_random_kills_inside_steps_and_writes_resume_to_the_uninterrupted_result
                 proc.send_signal(signal.SIGKILL)
                 wait(proc, budget(ref_time), "a killed run's exit")
                 kills += 1
-                in_writes += bool(list((out / "checkpoints").glob(".ckpt-*.tmp")))  # killed inside a write
+                in_writes += any(  # killed inside a write: a checkpoint folder without its manifest yet
+                    p.is_dir() and not (p / "manifest.json").exists() for p in (out / "checkpoints").glob("ckpt-*")
+                )
                 continue
         assert wait(proc, budget(ref_time), "the last resumed run") == 0, proc.stderr.read()
         break
@@ -110,37 +112,38 @@ _FAKE = 99999990  # names far past any real step: each claims to be the newest c
 
 
 def _genuine(folder: Path) -> list[int]:
-    """Steps of the complete checkpoints the job itself wrote (a hash beside each), newest first."""
+    """Steps of the complete checkpoints the job itself wrote (a real folder with its manifest), newest first."""
     steps = []
-    for p in folder.glob("ckpt-*.pt"):
-        m = re.fullmatch(r"ckpt-(\d{8})\.pt", p.name)
-        if m and int(m.group(1)) < _FAKE and not p.is_symlink() and p.with_name(p.name + ".sha256").is_file():
+    for p in folder.glob("ckpt-*"):
+        m = re.fullmatch(r"ckpt-(\d{8})", p.name)
+        if m and int(m.group(1)) < _FAKE and not p.is_symlink() and p.is_dir() and (p / "manifest.json").is_file():
             steps.append(int(m.group(1)))
     return sorted(steps, reverse=True)
 
 
 def _plant(folder: Path, kind: str) -> None:
-    """A hostile file claiming to be newer than every real checkpoint, made from the oldest one."""
-    oldest = folder / f"ckpt-{_genuine(folder)[-1]:08d}.pt"
-    fake = folder / f"ckpt-{_FAKE + len(list(folder.glob('ckpt-9999999*'))):08d}.pt"
-    sha = fake.with_name(fake.name + ".sha256")
-    if kind == "renamed":  # an older checkpoint and its hash under a newer name
-        shutil.copy(oldest, fake)
-        shutil.copy(oldest.with_name(oldest.name + ".sha256"), sha)
-    elif kind == "symlinked":
+    """A hostile entry claiming to be newer than every real checkpoint, made from the oldest one."""
+    oldest = folder / f"ckpt-{_genuine(folder)[-1]:08d}"
+    fake = folder / f"ckpt-{_FAKE + len(list(folder.glob('ckpt-9999999*'))):08d}"
+    if kind == "symlinked":
         fake.symlink_to(oldest)
-        sha.symlink_to(oldest.with_name(oldest.name + ".sha256"))
-    elif kind == "fifo":
-        shutil.copy(oldest, fake)
-        os.mkfifo(sha)
-    else:  # "dev-zero"
-        shutil.copy(oldest, fake)
-        sha.symlink_to("/dev/zero")
+        return
+    if kind == "a-file":  # a file where a checkpoint folder is expected
+        fake.write_bytes((oldest / "state.pt").read_bytes())
+        return
+    shutil.copytree(oldest, fake)  # "renamed": an older checkpoint, its manifest too, under a newer name
+    manifest = fake / "manifest.json"
+    if kind == "fifo":
+        manifest.unlink()
+        os.mkfifo(manifest)
+    elif kind == "dev-zero":
+        manifest.unlink()
+        manifest.symlink_to("/dev/zero")
 
 
 def _resumed_from(stdout: str) -> int | None:
     """The step a run resumed at, from its lines (also when it found the run already finished)."""
-    found = re.search(r"resumed from ckpt-(\d{8})\.pt|ckpt-(\d{8})\.pt is the end of this run's plan", stdout)
+    found = re.search(r"resumed from ckpt-(\d{8})\b|ckpt-(\d{8}) is the end of this run's plan", stdout)
     return int(found.group(1) or found.group(2)) if found else None
 
 
@@ -166,7 +169,7 @@ def test_hostile_files_deleted_locks_and_double_sigterms_lose_nothing(tmp_path, 
         pytest.skip("the signals came too late or too early for this machine's speed")
 
     # 2. renamed and symlinked candidates: resume from the true newest, never the impostors
-    for round_, kinds in enumerate([("renamed", "symlinked"), ("fifo", "dev-zero")]):
+    for round_, kinds in enumerate([("renamed", "symlinked"), ("fifo", "dev-zero", "a-file")]):
         for kind in kinds:
             _plant(ckpts, kind)
         newest = _genuine(ckpts)[0]

@@ -147,9 +147,9 @@ def test_resuming_from_any_checkpoint_equals_the_uninterrupted_run(tmp_path, eve
     for ckpt in saved[1:]:  # resume from each (the newest is the end of the run)
         partial = tmp_path / f"from-{ckpt.name}"
         partial.mkdir()
-        for f in full.iterdir():
-            if f.name.split(".pt")[0] <= ckpt.name.split(".pt")[0]:
-                shutil.copy(f, partial / f.name)
+        for older in Checkpoint(full).checkpoints():
+            if older.name <= ckpt.name:
+                shutil.copytree(older, partial / older.name)
         resumed = outcome(*dice_run(partial, every_steps=every_steps, every_epoch=every_epoch, resume=True))
         assert_same(resumed, reference)
 
@@ -160,7 +160,7 @@ def test_resuming_from_a_signal_checkpoint_equals_the_uninterrupted_run(tmp_path
     reference = outcome(*dice_run(tmp_path / "full", every_steps=None, every_epoch=True))
     with pytest.raises(TrainingInterrupted):
         dice_run(tmp_path / "cut", every_steps=None, every_epoch=True, extra=[Sigterm(at_step=5)])
-    assert [p.name for p in Checkpoint(tmp_path / "cut").checkpoints()] == ["ckpt-00000006.pt", "ckpt-00000004.pt"]
+    assert [p.name for p in Checkpoint(tmp_path / "cut").checkpoints()] == ["ckpt-00000006", "ckpt-00000004"]
     resumed = outcome(*dice_run(tmp_path / "cut", every_steps=None, every_epoch=True, resume=True))
     assert_same(resumed, reference)
 
@@ -183,7 +183,6 @@ def test_negative_control_a_checkpoint_taken_before_the_late_plugin_differs(tmp_
     monkeypatch.undo()
     partial = tmp_path / "partial"
     partial.mkdir()
-    for f in (tmp_path / "early").glob("ckpt-00000006.pt*"):
-        shutil.copy(f, partial / f.name)
+    shutil.copytree(tmp_path / "early" / "ckpt-00000006", partial / "ckpt-00000006")
     resumed = outcome(*dice_run(partial, every_steps=2, every_epoch=False, resume=True))
     assert resumed[0] != reference[0]

@@ -65,7 +65,7 @@ def test_no_checkpoint_is_written_from_a_state_trained_on_a_nan(tmp_path):
     engine = make_engine([ckpt], steps_per_epoch=12, losses=losses, sync_every=8)
     with pytest.raises(NonFiniteLossError):  # the save of step 6 reads first, and refuses
         engine.fit()
-    assert [p.name for p in ckpt.checkpoints()] == ["ckpt-00000003.pt"]
+    assert [p.name for p in ckpt.checkpoints()] == ["ckpt-00000003"]
 
 
 def test_sync_every_needs_the_error_policy_and_a_positive_count():

@@ -319,8 +319,9 @@ def test_finetune_classifier_from_a_converted_gpt2(tmp_path, hf_folder, capsys):
     out = tmp_path / "run"
     assert example("finetune_classifier").main(["--init", str(folder), "--out", str(out), "--epochs", "1"]) == 0
     assert f"GPT-2 weights from local folder {folder}" in capsys.readouterr().out
-    ckpt = Checkpoint(out / "checkpoints")
-    _, payload = ckpt.load_latest()
+    from checkpoint_helpers import read_checkpoint
+
+    payload = read_checkpoint(Checkpoint(out / "checkpoints").checkpoints()[0])
     trained, start = payload["model"], converted.state_dict()
     assert trained["out_head.weight"].shape == (2, 32) and "out_head.bias" in trained
     # the book's chapter 6: everything but the last block and the final norm stays GPT-2's, bit for bit

@@ -21,7 +21,7 @@ from . import dcp
 from .format import STATE, CheckpointError, CheckpointWriteError, Manifest, unsafe_value, write_manifest
 from .storage import Folder
 
-__all__ = ["Save", "first_nonfinite", "plugin_states", "serialize", "write_error"]
+__all__ = ["Save", "first_nonfinite", "nbytes", "plugin_states", "serialize", "write_error"]
 
 
 def serialize(obj: Any) -> bytes:
@@ -167,3 +167,13 @@ def first_nonfinite(model: torch.nn.Module) -> str | None:
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor; any other tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts), this rank's shards under FSDP."""
+    if isinstance(obj, torch.Tensor):
+        local = local_part(obj)
+        return local.numel() * local.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    return 0
