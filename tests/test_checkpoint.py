@@ -898,7 +898,7 @@ def test_a_wait_cut_short_by_a_second_signal_still_leaves_the_write_to_be_waited
 
 
 def test_the_non_finite_weight_check_is_not_fooled_by_a_sum_that_overflows():
-    from enginekit.plugins.checkpoint import _first_nonfinite
+    from enginekit.checkpointing.saving import first_nonfinite as _first_nonfinite
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     with torch.no_grad():

@@ -17,5 +17,5 @@ def test_fine_tunes_to_a_high_accuracy_logged_like_the_losses(tmp_path, capsys):
     assert all({"train_loss", "val_loss", "train_accuracy", "val_accuracy", "lr"} <= set(r) for r in rows)
     assert rows[0]["val_accuracy"] < 0.8 and rows[-1]["val_accuracy"] >= 0.9  # it learned
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-    assert list((tmp_path / "checkpoints").glob("ckpt-*.pt"))
+    assert list((tmp_path / "checkpoints").glob("ckpt-*/manifest.json"))
     assert "validation accuracy" in capsys.readouterr().out
