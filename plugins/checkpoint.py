@@ -10,12 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from enginekit import Engine, TrainingAborted
-from enginekit.checkpointing import CheckpointError, CheckpointWriteError, Folder, run_settings
+from enginekit.checkpointing import CheckpointError, CheckpointWriteError, Folder
 from enginekit.checkpointing import dcp as backend
-from enginekit.checkpointing.format import FORMAT, VERSION, Manifest, checkpoint_name
-from enginekit.checkpointing.loading import check_fits, open_newest, restore_plugins
-from enginekit.checkpointing.saving import Save, first_nonfinite, nbytes, plugin_states, serialize, write_error
-from enginekit.checkpointing.storage import remove
+from enginekit.checkpointing.loading import resume_newest
+from enginekit.checkpointing.saving import Save, nbytes, prepare, settle, write_error
 from enginekit.hookspec import hookimpl
 from enginekit.plugin_api import FolderBusyError, check_count, lock_folder, unlock_folder
 
@@ -25,33 +23,27 @@ __all__ = ["Checkpoint", "CheckpointError", "CheckpointWriteError"]
 class Checkpoint:
     """Save everything a bit-exact resume needs; resume from the newest checkpoint that verifies.
 
-    A checkpoint is a folder ``dir/ckpt-<steps done, 8 digits>/``: the model and optimizer through
-    ``torch.distributed.checkpoint`` (each rank its shards), the rest (counters, every rank's RNG
-    and data position, each stateful plugin's ``state_dict`` under its registration name, the run's
-    settings) in ``state.pt``, and last ``manifest.json`` with every file's sha256, the commit
-    marker. It resumes on another number of processes or strategy (DCP reshards) at an epoch's
-    end; see docs/checkpointing.md for the layout, the refusals and the data order.
+    A checkpoint is the folder ``dir/ckpt-<steps done, 8 digits>/``: model and optimizer through
+    ``torch.distributed.checkpoint`` (each rank its shards), the rest in ``state.pt``, and last
+    ``manifest.json``, every file's sha256: the commit marker. docs/checkpointing.md has the
+    layout, the refusals, resharding and the data order.
 
     Args:
-        dir: folder for checkpoints (created).
+        dir: folder for checkpoints (created); ``fit`` holds an OS lock on it, one run per folder.
         every_steps: also save after every N-th optimizer step (None: only at epoch ends).
         every_epoch: save at the end of each epoch.
-        keep_last: how many checkpoints to keep (>= 1); older ones go only after a newer one is committed.
-        resume: before the first step, restore the newest checkpoint that verifies (start fresh if
-            there is none; fail if there are some and none verifies).
-        strict_plugins: state for a plugin that is not registered, or none for one that is, is an
-            error; ``False`` accepts it with a warning line.
-        overwrite: with ``resume=False``, a folder that holds checkpoints is an error (another run's);
-            ``True`` deletes them first.
-        async_write: stage the state into host buffers at the save point and write it with DCP's
-            ``async_save`` while training goes on; one save in flight (the next waits for it); a failure
-            raises at the next save point or the end of fit. The last save of a fit is written at once.
-        allow_changes: resuming with other settings (the engine's, the plan's, the optimizer's, any
-            plugin's, the number of processes) is an error listing each; ``True`` applies the new ones.
+        keep_last: checkpoints kept (>= 1); older ones go only once a newer one is committed.
+        resume: restore the newest checkpoint that verifies at the end of ``before_fit``, after every
+            other plugin's (none: a fresh start; some but none good: an error).
+        strict_plugins: saved state without a registered plugin, or the reverse, is an error (False: a warning).
+        overwrite: with ``resume=False`` a folder holding another run's checkpoints is an error (True: deleted).
+        async_write: write through DCP's ``async_save`` while training goes on, one save in flight; a
+            failure raises at the next save point or the end of fit. A fit's last save is written at once.
+        allow_changes: resuming with other settings (engine, plan, optimizer, plugins, number of processes)
+            is an error listing each (True: the new ones apply).
 
-    ``fit`` holds an OS lock on ``dir`` (one run per folder). Saves happen in ``on_save_point``, after
-    every ``after_step``/``after_epoch`` implementation (and on SIGINT/SIGTERM once the step is done);
-    resuming at the end of ``before_fit``, after every other plugin's ``before_fit``.
+    Saves happen in ``on_save_point``: after every ``after_step``/``after_epoch`` implementation, and
+    on SIGINT/SIGTERM once the step is done.
     """
 
     def __init__(
@@ -97,7 +89,6 @@ class Checkpoint:
         self._host = backend.HostCopy()
         self._abandon = threading.Event()  # set on a second signal: the write in flight stops
         self._abandoned: str | None = None
-        self._changes: list[str] = []  # the settings a resume accepted (allow_changes)
         self._needs = 0  # bytes of the save in flight, for "no space left" before any checkpoint is on disk
 
     # ------------------------------------------------------------------ hooks
@@ -117,20 +108,8 @@ class Checkpoint:
             raise CheckpointError(busy or f"{self.dir} is in use by another run (rank 0 could not lock it)")
         self._join_group(engine)
         result = yield  # every other plugin sets up first; restored state then wins over it
-        problem = None
-        if engine.state.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.folder.clear_leftovers()  # saves a crash cut short; the checkpoints before them are intact
-            existing = self.folder.checkpoints()
-            if existing and not self.resume and self.last_saved is None:  # not ours: another run's
-                if self.overwrite:
-                    self.folder.remove_all()
-                else:
-                    problem = (
-                        f"{self.dir} already holds {len(existing)} checkpoint(s) of another run "
-                        f"(newest {existing[0].name}); resume it (resume=True, --resume), start over "
-                        "(overwrite=True, --overwrite) or use another folder"
-                    )
+        foreign = not self.resume and self.last_saved is None  # checkpoints there are then another run's
+        problem = self.folder.start_run(foreign, self.overwrite) if engine.state.is_main else None
         if not engine.all_true(problem is None):
             raise CheckpointError(problem or f"{self.dir}: rank 0 found checkpoints of another run")
         if self.resume:
@@ -203,44 +182,14 @@ class Checkpoint:
         if background is None:  # the run's last save is waited for at the end of fit anyway
             background = self.async_write and not (st.should_stop or st.step >= st.total_steps)
         self.wait(engine)  # one save in flight; a failure of the previous one surfaces here
-        engine.check_finite()  # with sync_every > 1: no state trained on a non-finite loss is written
-        state = engine.state_dict()
-        path = self.dir / checkpoint_name(state["step"])
-        nonfinite = first_nonfinite(engine.model)
-        if not engine.all_true(nonfinite is None):
-            raise CheckpointWriteError(
-                f"refusing to write {path.name}: the model's weights hold NaN or inf after step {state['step']} "
-                f"(first: {nonfinite or 'on another rank'}), so nothing of this state is saved; "
-                f"{self.folder.newest_line()}. The update that poisoned them came from a finite loss: check the "
-                "learning rate and the data"
-            )
-        model_sd, optim_sd = backend.state_dicts(engine.model, engine.optimizer)
-        small, failed = None, None
-        if st.is_main:
-            try:
-                plugins = plugin_states(self._stateful(engine), engine)
-                small = serialize({
-                    "format": FORMAT, "version": VERSION, "engine": state, "plugins": plugins,
-                    "settings": run_settings(engine, skip=self), "param_groups": optim_sd["param_groups"],
-                })  # fmt: skip
-                if path.exists():  # cut short earlier, or committed already (a skipped batch moved the epoch's
-                    # end): replaced, never rewritten in place; its manifest goes first
-                    remove(path)
-            except Exception as exc:
-                failed = exc
-        if not engine.all_true(failed is None):  # before DCP's collectives, which rank 1 would wait in
-            if failed is not None:
-                raise failed
-            raise CheckpointWriteError(f"rank 0 could not prepare {path.name}; {self.folder.newest_line()}")
+        path, manifest, tensors, small = prepare(engine, self.folder, skip=self)
         self._join_group(engine)  # a save after fit (the group went with after_fit)
-        manifest = Manifest(state["step"], st.world_size, engine.strategy, {})
-        tensors = {"model": model_sd, "optimizer": optim_sd["state"]}
         self._needs = nbytes(tensors) + len(small or b"")
         self._save = Save(self.folder, path, tensors, small, manifest, self._group, self.keep_last)
         self._save.run(background, self._host, self._abandon)
         if not background:
             self.wait(engine)
-        self.last_saved = state["step"]
+        self.last_saved = manifest.step
         return path
 
     def wait(self, engine: Engine | None = None) -> None:
@@ -257,12 +206,8 @@ class Checkpoint:
             needs = max(self.folder.newest_size(), self._needs)
             error = write_error(save.path, error, needs, self.folder.newest_line())
         if engine is not None:
-            ok = engine.all_true(error is None)  # the other ranks must not wait forever for rank 0
-            if not ok and engine.state.is_main:
-                self.folder.clear_leftovers()
-            if error is None and not ok:
-                raise CheckpointWriteError(f"another rank failed to write a checkpoint; {self.folder.newest_line()}")
-        if error is not None:
+            settle(engine, self.folder, error)  # the other ranks must not wait for ever for rank 0
+        elif error is not None:
             raise error
 
     def _join_group(self, engine: Engine) -> None:
@@ -283,50 +228,21 @@ class Checkpoint:
                 dist.destroy_process_group(self._group)
             self._group = None
 
-    def _stateful(self, engine: Engine) -> dict[str, Any]:
-        return {
-            name: p
-            for name, p in engine.plugins.items()
-            if p is not self
-            and callable(getattr(p, "state_dict", None))
-            and callable(getattr(p, "load_state_dict", None))
-        }
-
     # ------------------------------------------------------------------ resuming
 
     def _resume(self, engine: Engine) -> None:
-        while True:
-            opened = open_newest(engine, self.folder)
-            if opened is None:
-                engine.print(f"Checkpoint: no checkpoint in {self.dir}, starting from scratch")
-                return
-            stateful = self._stateful(engine)
-            self._changes = check_fits(
-                engine, opened, stateful, run_settings(engine, skip=self), self.strict_plugins, self.allow_changes
-            )
-            current_groups = [dict(g) for g in engine.optimizer.param_groups]
-            try:
-                backend.load(opened.reader, engine.model, engine.optimizer, opened.state["param_groups"], self._group)
-                break
-            except CheckpointError as exc:  # a shard failed its hash or would not load: the previous one then
-                engine.print(f"Checkpoint: skipping {exc}; trying the previous one")
-                if engine.state.is_main:
-                    self.folder.set_aside(newer_than=opened.path.name, including=True)
-        path, saved = opened.path, opened.state
-        if engine.state.is_main:
-            self.folder.set_aside(newer_than=path.name)  # newer ones failed: pruning must never keep them
-        if self._changes:  # allowed: this run's optimizer hyper-parameters win over the checkpoint's
-            for group, current in zip(engine.optimizer.param_groups, current_groups):
-                group.update({k: v for k, v in current.items() if k not in ("params", "lr")})
-        restore_plugins(self._stateful(engine), saved["plugins"], engine, path.name)
-        engine.load_state_dict(saved["engine"])
-        self.last_saved = saved["engine"]["step"]
-        self.resumed_from, self.resumed_step = path, engine.state.step
-        st = engine.state
+        found = resume_newest(engine, self.folder, self, self.strict_plugins, self.allow_changes, self._group)
+        if found is None:
+            engine.print(f"Checkpoint: no checkpoint in {self.dir}, starting from scratch")
+            return
+        opened, _ = found
+        engine.load_state_dict(opened.engine)
+        self.last_saved = opened.engine["step"]
+        self.resumed_from, self.resumed_step, st = opened.path, engine.state.step, engine.state
         if st.step >= st.total_steps:  # said, not a "successful" fit of 0 steps
             engine.print(
-                f"Checkpoint: {path.name} is the end of this run's plan (step {st.step} of {st.total_steps}): the run "
-                "is already finished, nothing left to train (ask for more epochs or steps to go on)"
+                f"Checkpoint: {opened.path.name} is the end of this run's plan (step {st.step} of {st.total_steps}): "
+                "the run is already finished, nothing left to train (ask for more epochs or steps to go on)"
             )
             return
-        engine.print(f"Checkpoint: resumed from {path.name} (step {st.step}, epoch {st.epoch + 1})")
+        engine.print(f"Checkpoint: resumed from {opened.path.name} (step {st.step}, epoch {st.epoch + 1})")

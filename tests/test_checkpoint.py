@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from enginekit import NonFiniteLossError, hookimpl
+from enginekit.checkpointing import saving
 from enginekit.checkpointing.dcp import _HashingStream
 from enginekit.plugins import Checkpoint, CheckpointError, LossTracker, LRWarmup, warmup_lr
-from enginekit.plugins import checkpoint as checkpoint_module
 from enginekit.testing import HookRecorder, drive, make_engine
 
 from checkpoint_helpers import FILES, flip_a_byte, read_checkpoint, rewrite_manifest
@@ -346,8 +346,8 @@ def test_a_second_save_of_the_same_step_replaces_the_checkpoint_never_rewrites_i
 ):
     folder = tmp_path / "ck"
     removed = []
-    real_remove = checkpoint_module.remove
-    monkeypatch.setattr(checkpoint_module, "remove", lambda path: removed.append(path.name) or real_remove(path))
+    real_remove = saving.remove
+    monkeypatch.setattr(saving, "remove", lambda path: removed.append(path.name) or real_remove(path))
     # the skipped batch moves the epoch's end: step 7 is saved as a step, then as the epoch's end
     drive(Checkpoint(folder, every_steps=1, keep_last=10), steps_per_epoch=8, nonfinite="skip", losses=nan_once_at(3))
     assert removed == ["ckpt-00000007"]

@@ -9,6 +9,8 @@ promises sit on top:
 - :mod:`.dcp`: the DCP backend (hashing while writing, verifying while reading, safe loading);
 - :mod:`.storage`: the checkpoints of a folder, choosing the newest good one, pruning;
 - :mod:`.settings`: what a resumed run must share with the run that wrote the checkpoint;
+- :mod:`.saving`: one save, foreground or through ``async_save``, agreed by every rank and committed;
+- :mod:`.loading`: opening the newest good checkpoint, the refusals, loading it into a run;
 - :mod:`.consolidate`: a checkpoint to one book-compatible ``model.pt``.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,13 @@ from typing import Any
 import torch
 
 from ..registry import blame
-from .dcp import Reader, saved_shapes
+from .dcp import Reader, load, saved_shapes
 from .format import FORMAT, STATE, VERSION, CheckpointError, Manifest
-from .settings import check_same_model, compare_settings
+from .saving import stateful_plugins
+from .settings import check_same_model, compare_settings, run_settings
 from .storage import Folder
 
-__all__ = ["Opened", "check_fits", "open_checkpoint", "open_newest", "restore_plugins"]
+__all__ = ["Opened", "check_fits", "open_checkpoint", "open_newest", "restore_plugins", "resume_newest"]
 
 
 @dataclass
@@ -53,13 +55,15 @@ def open_checkpoint(folder: Folder, path: Path) -> Opened:
     return Opened(path, manifest, reader, state)
 
 
-def open_newest(engine: Any, folder: Folder) -> Opened | None:
+def open_newest(engine: Any, folder: Folder, report: Callable[[str], None] | None = None) -> Opened | None:
     """Every rank opens the same newest checkpoint that verifies, falling back one at a time;
-    none at all is a fresh start, some but none good an error."""
+    none at all is a fresh start, some but none good an error. ``report``: where the skipped
+    ones are said (``engine.print``)."""
+    report = report or engine.print
     listed: tuple[list[str], str | None] = ([], None)
     if engine.state.is_main:
         try:
-            listed = ([p.name for p, _ in folder.candidates(engine.print)], None)
+            listed = ([p.name for p, _ in folder.candidates(report)], None)
         except CheckpointError as exc:  # said on every rank: the others wait in the broadcast
             listed = ([], str(exc))
     names, error = engine.broadcast_from_main(listed)
@@ -82,7 +86,7 @@ def open_newest(engine: Any, folder: Folder) -> Opened | None:
                 "folder (a shared file system)"
             )
         problems.append(problem or f"{name}: unreadable on rank 0")
-        engine.print(f"Checkpoint: skipping {problems[-1]}; trying the previous one")
+        report(f"Checkpoint: skipping {problems[-1]}; trying the previous one")
     if names:
         raise CheckpointError(
             f"no valid checkpoint in {folder.path} ({len(names)} found, none verifies): " + "; ".join(problems)
@@ -156,3 +160,40 @@ def restore_plugins(stateful: dict[str, Any], saved: dict[str, Any], engine: Any
                 why = f"in its load_state_dict(), called by Checkpoint to resume from {where},"
                 blame(exc, name, "before_fit", engine.state, why)
                 raise
+
+
+def resume_newest(
+    engine: Any, folder: Folder, skip: object, strict_plugins: bool, allow_changes: bool, group: Any
+) -> tuple[Opened, list[str]] | None:
+    """Load the newest checkpoint that verifies and fits this run into its model, optimizer and
+    plugins, falling back past one whose shards fail; None: there is none, a fresh start. Returns
+    it and the settings that changed (``allow_changes``). The engine's own state is the caller's."""
+    said: set[str] = set()
+
+    def report_once(line: str) -> None:  # a fallback lists the older candidates again
+        if line not in said:
+            said.add(line)
+            engine.print(line)
+
+    while True:
+        opened = open_newest(engine, folder, report_once)
+        if opened is None:
+            return None
+        stateful = stateful_plugins(engine, skip)
+        now = run_settings(engine, skip=skip)
+        changes = check_fits(engine, opened, stateful, now, strict_plugins, allow_changes)
+        current_groups = [dict(g) for g in engine.optimizer.param_groups]
+        try:
+            load(opened.reader, engine.model, engine.optimizer, opened.state["param_groups"], group)
+            break
+        except CheckpointError as exc:  # a shard failed its hash or would not load: the previous one then
+            report_once(f"Checkpoint: skipping {exc}; trying the previous one")
+            if engine.state.is_main:
+                folder.set_aside(newer_than=opened.path.name, including=True)
+    if engine.state.is_main:
+        folder.set_aside(newer_than=opened.path.name)  # newer ones failed: pruning must never keep them
+    if changes:  # allowed: this run's optimizer hyper-parameters win over the checkpoint's
+        for g, current in zip(engine.optimizer.param_groups, current_groups):
+            g.update({k: v for k, v in current.items() if k not in ("params", "lr")})
+    restore_plugins(stateful, opened.state["plugins"], engine, opened.path.name)
+    return opened, changes

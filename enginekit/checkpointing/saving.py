@@ -18,10 +18,92 @@ from torch.distributed.tensor import DTensor
 from ..files import atomic_write, lock_folder, unlock_folder
 from ..registry import blame
 from . import dcp
-from .format import STATE, CheckpointError, CheckpointWriteError, Manifest, unsafe_value, write_manifest
-from .storage import Folder
+from .format import (
+    FORMAT,
+    STATE,
+    VERSION,
+    CheckpointError,
+    CheckpointWriteError,
+    Manifest,
+    checkpoint_name,
+    unsafe_value,
+    write_manifest,
+)
+from .settings import run_settings
+from .storage import Folder, remove
 
-__all__ = ["Save", "first_nonfinite", "nbytes", "plugin_states", "serialize", "write_error"]
+__all__ = [
+    "Save",
+    "first_nonfinite",
+    "nbytes",
+    "plugin_states",
+    "prepare",
+    "serialize",
+    "settle",
+    "stateful_plugins",
+    "write_error",
+]
+
+
+def stateful_plugins(engine: Any, skip: object) -> dict[str, Any]:
+    """The registered plugins with a ``state_dict``/``load_state_dict`` pair, by registration name;
+    ``skip`` (the Checkpoint plugin itself) is left out."""
+    return {
+        name: p
+        for name, p in engine.plugins.items()
+        if p is not skip and callable(getattr(p, "state_dict", None)) and callable(getattr(p, "load_state_dict", None))
+    }
+
+
+def prepare(engine: Any, folder: Folder, skip: object) -> tuple[Path, Manifest, dict[str, Any], bytes | None]:
+    """What a save at this point writes, fixed now: its folder, its manifest (no files yet), the
+    model and optimizer tensors, and on rank 0 the serialized small state. Every rank calls it;
+    a refusal or a failure on any rank raises on all of them, before DCP's collectives (which the
+    other ranks would otherwise wait in for ever)."""
+    st = engine.state
+    engine.check_finite()  # with sync_every > 1: no state trained on a non-finite loss is written
+    state = engine.state_dict()
+    path = folder.path / checkpoint_name(state["step"])
+    nonfinite = first_nonfinite(engine.model)
+    if not engine.all_true(nonfinite is None):
+        raise CheckpointWriteError(
+            f"refusing to write {path.name}: the model's weights hold NaN or inf after step {state['step']} "
+            f"(first: {nonfinite or 'on another rank'}), so nothing of this state is saved; "
+            f"{folder.newest_line()}. The update that poisoned them came from a finite loss: check the "
+            "learning rate and the data"
+        )
+    model_sd, optim_sd = dcp.state_dicts(engine.model, engine.optimizer)
+    small, failed = None, None
+    if st.is_main:
+        try:
+            small = serialize({
+                "format": FORMAT, "version": VERSION, "engine": state,
+                "plugins": plugin_states(stateful_plugins(engine, skip), engine),
+                "settings": run_settings(engine, skip=skip), "param_groups": optim_sd["param_groups"],
+            })  # fmt: skip
+            if path.exists():  # cut short earlier, or committed already (a skipped batch moved the epoch's
+                # end): replaced, never rewritten in place; its manifest goes first
+                remove(path)
+        except Exception as exc:
+            failed = exc
+    if not engine.all_true(failed is None):
+        if failed is not None:
+            raise failed
+        raise CheckpointWriteError(f"rank 0 could not prepare {path.name}; {folder.newest_line()}")
+    manifest = Manifest(state["step"], st.world_size, engine.strategy, {})
+    return path, manifest, {"model": model_sd, "optimizer": optim_sd["state"]}, small
+
+
+def settle(engine: Any, folder: Folder, error: BaseException | None) -> None:
+    """Every rank learns whether a save failed on any rank, so none waits for ever for another;
+    raises this rank's error, or one saying another rank failed. Every rank must call it."""
+    ok = engine.all_true(error is None)
+    if not ok and engine.state.is_main:
+        folder.clear_leftovers()
+    if error is not None:
+        raise error
+    if not ok:
+        raise CheckpointWriteError(f"another rank failed to write a checkpoint; {folder.newest_line()}")
 
 
 def serialize(obj: Any) -> bytes:

@@ -106,6 +106,23 @@ class Folder:
         for path in self.checkpoints():
             remove(path)
 
+    def start_run(self, foreign: bool, overwrite: bool) -> str | None:
+        """Ready the folder for a fit (rank 0 only): created, the leftovers of saves a crash cut short
+        cleared. With ``foreign`` its checkpoints are another run's: removed with ``overwrite``, else
+        the refusal is returned."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.clear_leftovers()
+        existing = self.checkpoints()
+        if not existing or not foreign:
+            return None
+        if overwrite:
+            self.remove_all()
+            return None
+        return (
+            f"{self.path} already holds {len(existing)} checkpoint(s) of another run (newest {existing[0].name}); "
+            "resume it (resume=True, --resume), start over (overwrite=True, --overwrite) or use another folder"
+        )
+
 
 def remove(checkpoint: Path) -> None:
     """Delete a checkpoint: its manifest first, so a crash midway leaves a leftover, not a checkpoint."""

@@ -9,10 +9,14 @@ import pickle
 import pytest
 import torch
 
+from enginekit import hookimpl
 from enginekit.checkpointing import CheckpointError, Folder
 from enginekit.checkpointing.format import MANIFEST, STATE
-from enginekit.checkpointing.loading import open_checkpoint
+from enginekit.checkpointing.loading import open_checkpoint, resume_newest
+from enginekit.plugins import LossTracker
+from enginekit.testing import make_engine
 
+from checkpoint_helpers import flip_a_byte
 from ckpt_helpers import tiny_run
 
 
@@ -56,3 +60,64 @@ def test_a_state_pt_of_another_step_is_refused(tmp_path):
     rewrite(newest, STATE, buf.getvalue())
     with pytest.raises(CheckpointError, match="not an enginekit checkpoint state of version 2"):
         open_checkpoint(Folder(tmp_path), newest)
+
+
+class Probe:
+    """Calls ``resume_newest`` where Checkpoint does, in ``before_fit``, and keeps what it gave."""
+
+    def __init__(self, folder, allow_changes: bool = False) -> None:
+        self.folder, self.allow_changes = Folder(folder), allow_changes
+        self.found = self.error = self.weights = None
+
+    @hookimpl
+    def before_fit(self, engine) -> None:
+        try:
+            self.found = resume_newest(engine, self.folder, self, True, self.allow_changes, None)
+        except CheckpointError as exc:
+            self.error = str(exc)
+        self.weights = {k: v.clone() for k, v in engine.model.state_dict().items()}
+        self.step = engine.state.step
+
+
+def resumed(folder, plugins=(), lr=1e-3, steps=4, **kwargs) -> Probe:
+    torch.manual_seed(1)  # other initial weights than the saved ones
+    probe = Probe(folder, **kwargs)
+    make_engine([*plugins, probe], steps_per_epoch=steps, lr=lr).fit(epochs=1)
+    return probe
+
+
+def test_resume_newest_loads_the_saved_weights(tmp_path):
+    _, trained = tiny_run(tmp_path)
+    probe = resumed(tmp_path)
+    opened, changes = probe.found
+    assert opened.path.name == "ckpt-00000004" and changes == []
+    for (name, saved), loaded in zip(trained.model.state_dict().items(), probe.weights.values()):
+        assert torch.equal(saved, loaded), name
+    assert probe.step == 0  # the engine's own state is the caller's to restore
+
+
+def test_resume_newest_falls_back_past_a_shard_that_fails_its_hash_saying_each_skip_once(tmp_path, capsys):
+    tiny_run(tmp_path, steps=6)
+    flip_a_byte(tmp_path / "ckpt-00000006" / "__0_0.distcp")  # found only when its tensors are read
+    (tmp_path / "ckpt-00000002" / "__0_0.distcp").write_bytes(b"cut")  # the cheap check finds it
+    opened, _ = resumed(tmp_path, steps=6).found
+    assert opened.path.name == "ckpt-00000004"
+    out = capsys.readouterr().out
+    assert out.count("Checkpoint: skipping ckpt-00000006: __0_0.distcp") == 1
+    assert out.count("Checkpoint: skipping ckpt-00000002: __0_0.distcp is 3 bytes") == 1
+    assert (tmp_path / "ckpt-00000006.corrupt").is_dir() and not (tmp_path / "ckpt-00000006").exists()
+
+
+def test_resume_newest_is_none_for_an_empty_folder(tmp_path):
+    probe = resumed(tmp_path)
+    assert probe.found is None and probe.error is None
+
+
+def test_resume_newest_refuses_other_plugins_and_settings_unless_allowed(tmp_path):
+    tiny_run(tmp_path)
+    probe = resumed(tmp_path, plugins=[LossTracker(eval_freq=2)])
+    assert probe.error.startswith("ckpt-00000004: it has no state for registered plugin(s) ['")
+    probe = resumed(tmp_path, lr=2e-3)
+    assert "written by a run with other settings (2 difference(s)): " in probe.error and probe.found is None
+    opened, changes = resumed(tmp_path, lr=2e-3, allow_changes=True).found
+    assert opened.path.name == "ckpt-00000004" and len(changes) == 2 and all("0.002" in c for c in changes)

@@ -64,3 +64,17 @@ def test_failed_newer_checkpoints_are_set_aside_not_deleted(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt"))
     assert names == ["ckpt-00000002", "ckpt-00000004.corrupt", "ckpt-00000006.corrupt"]
     assert (tmp_path / "ckpt-00000006.corrupt" / MANIFEST).is_file()
+
+
+def test_starting_a_run_refuses_or_removes_another_runs_checkpoints(tmp_path):
+    tiny_run(tmp_path, steps=4, every=2)
+    (tmp_path / "ckpt-00000006").mkdir()  # a save a crash cut short
+    folder = Folder(tmp_path)
+    problem = folder.start_run(foreign=True, overwrite=False)
+    assert problem is not None and problem.startswith(f"{tmp_path} already holds 2 checkpoint(s) of another run")
+    assert "(newest ckpt-00000004)" in problem and "--overwrite" in problem
+    assert not (tmp_path / "ckpt-00000006").exists()  # the leftover went all the same
+    assert folder.start_run(foreign=False, overwrite=False) is None and len(folder.checkpoints()) == 2
+    assert folder.start_run(foreign=True, overwrite=True) is None and folder.checkpoints() == []
+    fresh = Folder(tmp_path / "a" / "b")
+    assert fresh.start_run(foreign=True, overwrite=False) is None and (tmp_path / "a" / "b").is_dir()
