@@ -41,3 +41,15 @@ def gpt_loader(cfg: dict, n_seqs: int, batch_size: int) -> DataLoader:
 @pytest.fixture
 def tiny_cfg() -> dict:
     return dict(TINY_CFG)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A small prepared corpus (test_corpus, test_token_loader): 40 documents, shards small enough
+    that windows cross shard boundaries."""
+    from corpus_helpers import make_docs, prepare, write_docs
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_docs(root / "src", make_docs(40, words=120))
+    prepare([root / "src"], root / "out", shard_tokens=997, val_fraction=0.2, seed=1)
+    return root / "out"
